@@ -1,0 +1,3 @@
+from blip3o.cli import main
+
+raise SystemExit(main())
