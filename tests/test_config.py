@@ -80,9 +80,7 @@ def test_defaults_validate_and_have_documented_values() -> None:
         ("eval", "n_prompts", 0, ">= 1"),
     ],
 )
-def test_out_of_range_values_name_the_field_and_range(
-    section: str, key: str, value: object, allowed: str
-) -> None:
+def test_out_of_range_values_name_the_field_and_range(section: str, key: str, value: object, allowed: str) -> None:
     with pytest.raises(ConfigError) as info:
         from_dict(RunConfig, {section: {key: value}})
     assert info.value.key == f"{section}.{key}"
@@ -180,9 +178,7 @@ def test_overrides_of_nested_keys_lists_none_and_sections() -> None:
     # Later overrides win.
     assert apply_overrides(base, ["world.size=40", "world.size=50"]).world.size == 50
 
-    toy = apply_overrides(
-        _Toy(), ["ids=[7, 8, 9]", "shape=[2]", "limit=5", "extra.scale=3", "weights={b: 2}"]
-    )
+    toy = apply_overrides(_Toy(), ["ids=[7, 8, 9]", "shape=[2]", "limit=5", "extra.scale=3", "weights={b: 2}"])
     assert (toy.ids, toy.shape, toy.limit) == ([7, 8, 9], (2,), 5)
     assert toy.extra == _Inner(scale=3.0)  # an unset optional section starts from its defaults
     assert toy.weights == {"b": 2.0}  # a dict field is replaced, not merged

@@ -159,9 +159,7 @@ def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
     if isinstance(data, cls):
         data = to_dict(data)
     if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"expected a mapping for {cls.__name__}, got {data!r} ({type(data).__name__})", key=path
-        )
+        raise ConfigError(f"expected a mapping for {cls.__name__}, got {data!r} ({type(data).__name__})", key=path)
     fields = _init_fields(cls)
     allowed = [f.name for f in fields]
     for key in data:
@@ -221,8 +219,7 @@ def _set_override(data: dict[str, Any], cls: type, item: str) -> str:
             if part not in allowed:
                 level = f" at {where!r}" if where else ""
                 raise ConfigError(
-                    f"override {item!r}: unknown key {_join(where, part)!r}; "
-                    f"valid keys{level}: {', '.join(allowed)}"
+                    f"override {item!r}: unknown key {_join(where, part)!r}; valid keys{level}: {', '.join(allowed)}"
                 )
             child_tp = _strip_optional(_hints(tp)[part])
         elif typing.get_origin(tp) is dict:
@@ -237,9 +234,7 @@ def _set_override(data: dict[str, Any], cls: type, item: str) -> str:
             if node.get(part) is None:
                 node[part] = {}  # descending into an unset optional section or dict starts from defaults
             if not isinstance(node[part], dict):
-                raise ConfigError(
-                    f"override {item!r}: {_join(where, part)!r} is {node[part]!r}, not a section"
-                )
+                raise ConfigError(f"override {item!r}: {_join(where, part)!r} is {node[part]!r}, not a section")
             node, tp = node[part], child_tp
         where = _join(where, part)
     return key
@@ -265,9 +260,7 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
     try:
         return from_dict(cls, data)
     except ConfigError as err:
-        culprits = [
-            item for item, key in zip(overrides, keys, strict=True) if err.key and _related(err.key, key)
-        ]
+        culprits = [item for item, key in zip(overrides, keys, strict=True) if err.key and _related(err.key, key)]
         if culprits:
             raise ConfigError(f"override {culprits[-1]!r}: {err}") from None
         if overrides:

@@ -1,0 +1,189 @@
+"""The ``blip3o`` command line: parse arguments, call the library, print results. No logic lives here.
+
+Every ``blip3o eval …`` command ends its output with one line of JSON holding its summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from blip3o.config import PRESETS, ConfigError, apply_overrides, dumps_yaml, resolve
+
+log = logging.getLogger("blip3o")
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. world.size=128")
+
+
+def _world_make(args: argparse.Namespace) -> int:
+    from blip3o.world.shards import make_world
+
+    cfg = resolve(args.preset, args.overrides)
+    flags = {"n_train": args.n, "n_heldout": args.heldout, "seed": args.seed, "size": args.size}
+    cfg = apply_overrides(cfg, [f"world.{k}={v}" for k, v in flags.items() if v is not None])
+    summary = make_world(cfg.world, args.out)
+    print(
+        f"wrote {summary['samples']['train']} training and {summary['samples']['heldout']} held-out samples, "
+        f"{summary['prompts']} held-out prompts to {args.out}"
+    )
+    return 0
+
+
+def _world_oracle(args: argparse.Namespace) -> int:
+    from blip3o.eval.geneval import oracle_generator, write_layout
+
+    records = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    write_layout(records, args.n, oracle_generator(args.size, args.seed), args.out)
+    print(f"wrote {len(records) * args.n} ground-truth images for {len(records)} prompts to {args.out}")
+    return 0
+
+
+def _world_tokenizer(args: argparse.Namespace) -> int:
+    from blip3o.data.tokenizer import save_tokenizer, train_bpe_tokenizer
+    from blip3o.world.corpus import world_texts
+
+    tok = train_bpe_tokenizer(world_texts(args.world), vocab_size=args.vocab_size)
+    save_tokenizer(tok, args.out)
+    print(f"trained a {len(tok)}-token BPE tokenizer on {args.world}, saved to {args.out}")
+    return 0
+
+
+def _eval_geneval(args: argparse.Namespace) -> int:
+    from blip3o.eval.geneval import GenEvalScorer, evaluate_folder, format_table, write_results
+
+    scorer = GenEvalScorer(threshold=args.threshold, counting_threshold=args.counting_threshold)
+    results, summary = evaluate_folder(args.imagedir, scorer)
+    out = Path(args.out) if args.out else Path(args.imagedir) / "geneval_results.jsonl"
+    summary_path = write_results(results, summary, out)
+    print(format_table(summary))
+    print(f"results: {out}\nsummary: {summary_path}")
+    print(json.dumps(summary))
+    return 0
+
+
+def _eval_ocr(args: argparse.Namespace) -> int:
+    from blip3o.eval.ocr import evaluate_ocr_folder
+
+    summary = evaluate_ocr_folder(args.imagedir, args.out)
+    print(
+        f"OCR reward: mean {summary['mean']:.4f} over {summary['images']} images (exact reads {summary['exact']:.4f})"
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(dumps_yaml(resolve(args.preset, args.overrides)), end="")
+    return 0
+
+
+def _config_presets(args: argparse.Namespace) -> int:
+    for name, fn in PRESETS.items():
+        doc = (fn.__doc__ or "").strip().splitlines()
+        print(f"{name:<16}{doc[0] if doc else ''}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from blip3o.demo import run_demo
+    from blip3o.eval.geneval import format_table
+
+    cfg = resolve(args.preset, args.overrides)
+    summary = run_demo(cfg, args.out)
+    print(format_table(summary["geneval_oracle"]))
+    checks = summary["self_check"]
+    print(
+        f"degraded (blur + noise): {checks['degraded']['overall']:.4f}; "
+        f"mismatched prompts: {checks['mismatch']['overall']:.4f}; OCR mean reward: {summary['ocr']['mean']:.4f}"
+    )
+    print(f"report: {Path(args.out) / 'report' / 'index.html'}")
+    print(json.dumps({k: summary[k] for k in ("geneval_oracle", "ocr", "seconds")}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip3o", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    presets = ", ".join(PRESETS)
+
+    demo = sub.add_parser("demo", help="run the demo (world, scorer self-check, HTML report)")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    demo.add_argument("--preset", default="shapes-demo", help=f"config preset ({presets})")
+    _overrides(demo)
+    demo.set_defaults(fn=_demo)
+
+    world = sub.add_parser("world", help="the shapes world: make data, render ground truth, train a tokenizer")
+    wsub = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
+    make = wsub.add_parser("make", help="write webdataset shards, prompts.jsonl and world.json")
+    make.add_argument("--out", required=True, help="output directory")
+    make.add_argument("--n", type=int, help="number of training samples (world.n_train)")
+    make.add_argument("--heldout", type=int, help="number of held-out samples (world.n_heldout)")
+    make.add_argument("--seed", type=int, help="world seed (world.seed)")
+    make.add_argument("--size", type=int, help="image side in px, 32-512 (world.size)")
+    make.add_argument("--preset", default="shapes-demo", help=f"config preset ({presets})")
+    _overrides(make)
+    make.set_defaults(fn=_world_make)
+    oracle = wsub.add_parser("oracle", help="ground-truth renders of a prompts.jsonl in GenEval's folder layout")
+    oracle.add_argument("prompts", help="a GenEval-schema prompts.jsonl")
+    oracle.add_argument("--out", required=True, help="output image directory")
+    oracle.add_argument("-n", type=int, default=4, help="images per prompt (default 4)")
+    oracle.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
+    oracle.add_argument("--seed", type=int, default=42, help="seed (default 42)")
+    oracle.set_defaults(fn=_world_oracle)
+    tok = wsub.add_parser("tokenizer", help="train the BPE text tokenizer on a world's text")
+    tok.add_argument("world", help="a world directory made by `blip3o world make`")
+    tok.add_argument("--out", required=True, help="directory to save the tokenizer to")
+    tok.add_argument("--vocab-size", type=int, default=1024, help="vocabulary size (default 1024)")
+    tok.set_defaults(fn=_world_tokenizer)
+
+    ev = sub.add_parser("eval", help="evaluate images: GenEval rules, OCR")
+    esub = ev.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
+    gen = esub.add_parser("geneval", help="score a GenEval-layout image folder (<index>/metadata.jsonl, samples/)")
+    gen.add_argument("imagedir", help="GenEval-layout image folder")
+    gen.add_argument("--out", help="per-image results (JSON lines); default IMAGEDIR/geneval_results.jsonl")
+    gen.add_argument("--threshold", type=float, default=0.5, help="minimum detection confidence (default 0.5)")
+    gen.add_argument(
+        "--counting-threshold",
+        type=float,
+        default=0.6,
+        help="minimum detection confidence for counting prompts (default 0.6)",
+    )
+    gen.set_defaults(fn=_eval_geneval)
+    ocr = esub.add_parser("ocr", help="OCR reward of a GenEval-layout folder whose prompts quote their text")
+    ocr.add_argument("imagedir", help="image folder; each prompt holds its target text in double quotes")
+    ocr.add_argument("--out", help="per-image results (JSON lines); default IMAGEDIR/ocr_results.jsonl")
+    ocr.set_defaults(fn=_eval_ocr)
+
+    cfg = sub.add_parser("config", help="show presets and resolved configs")
+    csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="print a preset with overrides applied, as YAML")
+    show.add_argument("preset", help=f"one of: {presets}")
+    _overrides(show)
+    show.set_defaults(fn=_config_show)
+    lst = csub.add_parser("presets", help="list the presets")
+    lst.set_defaults(fn=_config_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"blip3o: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""Samples of the shapes world: the oracle scene for a prompt, captions, questions, edits, text scenes.
+
+Each sample is drawn from its own ``random.Random`` seeded by (world seed, split, index), so any
+sample can be rebuilt alone, and the same seed always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from blip3o.world.prompts import Record, sample_record
+from blip3o.world.scene import Obj, layout, place, relation_holds, render, scene_to_json
+from blip3o.world.spec import COLOR_NAMES, NUMBER_WORDS, RELATIONS, SHAPES, article, plural
+from blip3o.world.text import TEXT_COLOURS, render_text, text_prompt
+
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+@dataclass
+class Sample:
+    """One world sample: its key, image, JSON metadata and, for scenes with an edit, the edited image."""
+
+    key: str
+    image: Image.Image
+    meta: dict[str, Any]
+    edit_image: Image.Image | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def scene_for(record: Record, rng: random.Random) -> list[Obj]:
+    """The oracle: a scene that satisfies a GenEval-schema record exactly (no distractors)."""
+    specs: list[tuple[str, str]] = []
+    first: list[int] = []
+    for clause in record["include"]:
+        first.append(len(specs))
+        for _ in range(clause["count"]):
+            specs.append((clause["class"], clause.get("color") or rng.choice(COLOR_NAMES)))
+    relation = None
+    for k, clause in enumerate(record["include"]):
+        if "position" in clause:
+            rel, target = clause["position"]
+            relation = (first[k], rel, first[target])
+    return layout(rng, specs, relation)
+
+
+def render_record(record: Record, size: int, rng: random.Random) -> tuple[Image.Image, list[Obj]]:
+    """Draw a ground-truth image for any record of the world's classes."""
+    objects = scene_for(record, rng)
+    return render(objects, size), objects
+
+
+def _name(obj: Obj) -> str:
+    return f"{obj.color} {obj.shape}"
+
+
+def _region(obj: Obj) -> str:
+    col = "left" if obj.cx < 1 / 3 else "right" if obj.cx > 2 / 3 else "centre"
+    row = "top" if obj.cy < 1 / 3 else "bottom" if obj.cy > 2 / 3 else "middle"
+    if row == "middle":
+        return "centre" if col == "centre" else f"{col}"
+    return row if col == "centre" else f"{row} {col}"
+
+
+def caption(objects: Sequence[Obj]) -> str:
+    """A detailed caption listing every object with its colour and place."""
+    if not objects:
+        return "An empty grey background."
+    parts = [f"{article(o.color)} {o.color} {o.shape} at the {_region(o)}" for o in objects]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return body[0].upper() + body[1:] + ", on a grey background."
+
+
+def _unique(objects: Sequence[Obj], key) -> list[Obj]:
+    values = [key(o) for o in objects]
+    return [o for o in objects if values.count(key(o)) == 1]
+
+
+def questions(objects: Sequence[Obj], rng: random.Random) -> list[dict[str, str]]:
+    """Unambiguous question/answer pairs of five types: existence, count, color, yesno, position."""
+    qa: list[dict[str, str]] = []
+    present = sorted({o.shape for o in objects})
+    absent = [s for s in SHAPES if s not in present]
+    if present:
+        s = rng.choice(present)
+        qa.append({"type": "existence", "question": f"Is there {article(s)} {s} in the image?", "answer": "yes"})
+        n = sum(o.shape == s for o in objects)
+        qa.append({"type": "count", "question": f"How many {plural(s)} are there?", "answer": NUMBER_WORDS[n]})
+    if absent:
+        s = rng.choice(absent)
+        qa.append({"type": "existence", "question": f"Is there {article(s)} {s} in the image?", "answer": "no"})
+    single = _unique(objects, lambda o: o.shape)
+    if single:
+        o = rng.choice(single)
+        qa.append({"type": "color", "question": f"What colour is the {o.shape}?", "answer": o.color})
+        asked = o.color if rng.random() < 0.5 else rng.choice([c for c in COLOR_NAMES if c != o.color])
+        qa.append(
+            {
+                "type": "yesno",
+                "question": f"Is the {o.shape} {asked}?",
+                "answer": "yes" if asked == o.color else "no",
+            }
+        )
+    if len(single) >= 2:
+        a, b = rng.sample(single, 2)
+        holds = [r for r in RELATIONS if relation_holds(a, b, r, slack=0.6)]
+        if holds:
+            rel = rng.choice(holds)
+            asked, answer = (rel, "yes") if rng.random() < 0.5 else (INVERSE[rel], "no")
+            qa.append({"type": "position", "question": f"Is the {a.shape} {asked} the {b.shape}?", "answer": answer})
+    return qa
+
+
+def edit(objects: Sequence[Obj], rng: random.Random) -> dict[str, Any] | None:
+    """One edit triplet's instruction and target scene (recolour, add, remove or move), if one applies."""
+    unique = _unique(objects, lambda o: (o.color, o.shape))
+    taken = {(o.color, o.shape) for o in objects}
+    kinds = ["recolor", "add", "remove", "move"]
+    rng.shuffle(kinds)
+    for kind in kinds:
+        if kind == "recolor" and unique:
+            o = rng.choice(unique)
+            new = rng.choice([c for c in COLOR_NAMES if (c, o.shape) not in taken])
+            target = [Obj(o.shape, new, o.cx, o.cy, o.s) if x is o else x for x in objects]
+            return {
+                "type": kind,
+                "instruction": f"make the {_name(o)} {new}",
+                "subject": _name(o),
+                "color": new,
+                "objects": target,
+            }
+        if kind == "add" and len(objects) < 4:
+            shape, color = rng.choice([(s, c) for s in SHAPES for c in COLOR_NAMES if (c, s) not in taken])
+            new_obj = place(rng, shape, color, objects)
+            if new_obj is not None:
+                return {
+                    "type": kind,
+                    "instruction": f"add {article(color)} {color} {shape}",
+                    "subject": f"{color} {shape}",
+                    "objects": [*objects, new_obj],
+                }
+        if kind == "remove" and len(objects) >= 2 and unique:
+            o = rng.choice(unique)
+            return {
+                "type": kind,
+                "instruction": f"remove the {_name(o)}",
+                "subject": _name(o),
+                "objects": [x for x in objects if x is not o],
+            }
+        if kind == "move" and len(unique) >= 2:
+            o, ref = rng.sample(unique, 2)
+            rel = rng.choice([r for r in RELATIONS if not relation_holds(o, ref, r, slack=0.5)] or RELATIONS)
+            others = [x for x in objects if x is not o]
+            new_obj = place(
+                rng,
+                o.shape,
+                o.color,
+                others,
+                extent=(o.s, o.s),
+                accept=lambda x, ref=ref, rel=rel: relation_holds(x, ref, rel),
+            )
+            if new_obj is not None:
+                return {
+                    "type": kind,
+                    "instruction": f"move the {_name(o)} {rel} the {_name(ref)}",
+                    "subject": _name(o),
+                    "relation": rel,
+                    "reference": _name(ref),
+                    "objects": [new_obj if x is o else x for x in objects],
+                }
+    return None
+
+
+def scene_sample(key: str, record: Record, size: int, rng: random.Random) -> Sample:
+    """A scene sample for a prompt record: image, objects, caption, questions and an edit triplet."""
+    image, objects = render_record(record, size, rng)
+    record = {k: v for k, v in record.items() if k != "index"}
+    meta: dict[str, Any] = {
+        "kind": "scene",
+        "size": size,
+        "prompt": record["prompt"],
+        "metadata": record,
+        "objects": scene_to_json(objects, size),
+        "caption": caption(objects),
+        "qa": questions(objects, rng),
+    }
+    triplet = edit(objects, rng)
+    edit_image = None
+    if triplet is not None:
+        edit_image = render(triplet["objects"], size)
+        meta["edit"] = {**triplet, "objects": scene_to_json(triplet["objects"], size)}
+    return Sample(key=key, image=image, meta=meta, edit_image=edit_image)
+
+
+def text_sample(key: str, words: Sequence[str], size: int, rng: random.Random) -> Sample:
+    """A text scene: a short word drawn large."""
+    word = rng.choice(list(words))
+    color = rng.choice(list(TEXT_COLOURS))
+    meta = {
+        "kind": "text",
+        "size": size,
+        "text": word,
+        "color": color,
+        "prompt": text_prompt(word),
+        "caption": f'The word "{word}" written in {color} on a grey background.',
+    }
+    return Sample(key=key, image=render_text(word, size, color=color), meta=meta)
+
+
+def make_sample(
+    split: str,
+    index: int,
+    *,
+    seed: int,
+    pools: dict[str, list[Record]],
+    words: Sequence[str],
+    size: int,
+    text_size: int,
+    text_fraction: float,
+) -> Sample:
+    """Sample ``index`` of a split: a text scene with probability ``text_fraction``, else a prompt's scene."""
+    rng = random.Random(f"{seed}-{split}-{index}")
+    key = f"{split}-{index:07d}"
+    if words and rng.random() < text_fraction:
+        return text_sample(key, words, text_size, rng)
+    return scene_sample(key, sample_record(rng, pools), size, rng)

@@ -1,0 +1,26 @@
+"""Shared fixtures: offline hub, a tiny world made once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+
+from blip3o.config import get_preset
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return get_preset("tiny-debug")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory, tiny_cfg):
+    from blip3o.world.shards import make_world
+
+    out = tmp_path_factory.mktemp("world")
+    make_world(tiny_cfg.world, out, progress=False)
+    return out
