@@ -9,6 +9,7 @@ from blip3o.eval.ocr import OCRScorer
 from blip3o.world.prompts import eval_prompts, split
 from blip3o.world.samples import render_record
 from blip3o.world.text import WORDS, render_text, text_prompt
+
 from common import emit, rate
 
 

@@ -7,6 +7,7 @@ import random
 from blip3o.world.prompts import split
 from blip3o.world.samples import make_sample, render_record
 from blip3o.world.text import split_words
+
 from common import emit, rate
 
 

@@ -186,6 +186,11 @@ def test_eval_geneval_cli_on_genevals_layout(tmp_path, heldout_prompts, capsys):
     wrong = [r for r in rows if not r["correct"]]
     assert len(wrong) == 1 and wrong[0]["filename"].endswith("0001.png") and "found 0" in wrong[0]["reason"]
     assert json.loads((tmp_path / "res_summary.json").read_text()) == summary
+    assert summary["unreadable"] == 0
+    (tmp_path / "imgs" / records[1]["index"] / "samples" / "0000.png").write_bytes(b"broken")
+    assert main(["eval", "geneval", str(tmp_path / "imgs"), "--out", str(tmp_path / "res2.jsonl")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["unreadable"] == 1 and summary["images"] == 2 * len(records) - 1
 
 
 def test_eval_geneval_cli_errors(tmp_path, capsys):

@@ -13,6 +13,7 @@ As in GenEval, detections below a confidence threshold are dropped, with a stric
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import defaultdict
@@ -28,6 +29,8 @@ from tqdm import tqdm
 from blip3o.eval.detector import Detection, Detector, ShapesDetector
 from blip3o.eval.rules import evaluate
 from blip3o.world.spec import TAGS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,13 +113,23 @@ def read_layout(image_dir: str | Path) -> list[tuple[dict[str, Any], list[Path]]
 def evaluate_folder(
     image_dir: str | Path, scorer: GenEvalScorer | None = None, *, progress: bool = True
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Score every image of a GenEval-layout folder; returns (per-image results, summary)."""
+    """Score every image of a GenEval-layout folder; returns (per-image results, summary).
+
+    Unreadable images are skipped, logged and counted in ``summary["unreadable"]``.
+    """
     scorer = scorer or GenEvalScorer()
     layout = read_layout(image_dir)
-    jobs = [(record, folder, path) for record, paths in layout for folder in [None] for path in paths]
-    results = []
-    for record, _, path in tqdm(jobs, desc="geneval", unit="img", disable=not progress):
-        verdict = scorer.score(Image.open(path), record)
+    jobs = [(record, path) for record, paths in layout for path in paths]
+    results, unreadable = [], []
+    for record, path in tqdm(jobs, desc="geneval", unit="img", disable=not progress):
+        try:
+            image = Image.open(path)
+            image.load()
+        except OSError as err:
+            unreadable.append(str(path))
+            log.warning("skipped unreadable image %s: %s", path, err)
+            continue
+        verdict = scorer.score(image, record)
         results.append(
             {
                 "filename": str(path),
@@ -129,7 +142,9 @@ def evaluate_folder(
                 "details": json.dumps(verdict["details"]),
             }
         )
-    return results, summarise(results)
+    summary = summarise(results)
+    summary["unreadable"] = len(unreadable)
+    return results, summary
 
 
 def write_results(results: Iterable[dict[str, Any]], summary: dict[str, Any], out: str | Path) -> Path:
@@ -185,4 +200,6 @@ def format_table(summary: dict[str, Any]) -> str:
         f"images {summary['images']}, correct {summary['correct_images']:.4f}, "
         f"prompts with a correct image {summary['prompts_any_correct']:.4f}"
     )
+    if summary.get("unreadable"):
+        lines.append(f"skipped {summary['unreadable']} unreadable images")
     return "\n".join(lines)

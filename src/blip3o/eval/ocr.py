@@ -12,20 +12,32 @@ Flow-GRPO reads with PaddleOCR (PP-OCR, English, no angle classifier). We read w
 same PP-OCR detector and recogniser (v4) exported to ONNX and shipped inside its wheel, so it runs
 offline on CPU without paddle. Boxes below RapidOCR's default recognition score (0.5, PaddleOCR's
 `drop_score` too) are dropped. Images whose short side is under 256 px are first upscaled to 256
-with bicubic resampling: the detector misses small glyphs otherwise.
+with bicubic resampling: on `blip3o.world.text` renders at 64 px this lifts the mean reward from
+0.996 to 1.000 (and at 32 px from 0.979 to 0.991), at no extra time (about 0.16 s per image on 2
+CPU cores either way).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-__all__ = ["MIN_OCR_SIDE", "OCRScorer", "edit_distance", "normalise", "ocr_reward", "quoted_text"]
+__all__ = [
+    "MIN_OCR_SIDE",
+    "OCRScorer",
+    "edit_distance",
+    "evaluate_ocr_folder",
+    "normalise",
+    "ocr_reward",
+    "quoted_text",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +101,7 @@ def _to_bgr(image: Image.Image | np.ndarray) -> np.ndarray:
     from PIL import Image
 
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or not (
-            image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
-        ):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
             raise ValueError(
                 "array images must be uint8 with shape (H, W) or (H, W, 3) in RGB order, "
                 f"got dtype {image.dtype} and shape {image.shape}"
@@ -158,10 +168,61 @@ class OCRScorer:
         """`ocr_reward` of each image's read text against its target text."""
         if len(images) != len(targets):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        for target in targets:  # fail before the slow OCR, not after it
+            if not normalise(target):
+                raise ValueError(f"targets must contain non-whitespace text, got {target!r}")
         return [ocr_reward(read, target) for read, target in zip(self.read(images), targets, strict=True)]
 
-    def score_prompts(
-        self, images: Sequence[Image.Image | np.ndarray], prompts: Sequence[str]
-    ) -> list[float]:
+    def score_prompts(self, images: Sequence[Image.Image | np.ndarray], prompts: Sequence[str]) -> list[float]:
         """`score` against the quoted text of each prompt (see `quoted_text`)."""
         return self.score(images, [quoted_text(p) for p in prompts])
+
+
+def evaluate_ocr_folder(
+    image_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    scorer: OCRScorer | None = None,
+) -> dict[str, Any]:
+    """OCR-score every image of a GenEval-layout folder whose prompts quote their target text.
+
+    Reads `IMAGEDIR/<index>/metadata.jsonl` (its `prompt`) and `IMAGEDIR/<index>/samples/*.png`,
+    writes one JSON line per image (`filename`, `index`, `prompt`, `target`, `read`, `reward`) to
+    `out` (default `IMAGEDIR/ocr_results.jsonl`) with the summary beside it
+    (`<out stem>_summary.json`), and returns the summary: `mean` reward, `exact` (share of
+    images with reward 1), `images` and `prompts` counts.
+    """
+    from PIL import Image
+
+    from blip3o.eval.geneval import read_layout, write_results  # lazy: pulls in the shapes detector
+
+    scorer = scorer or OCRScorer()
+    results: list[dict[str, Any]] = []
+    layout = read_layout(image_dir)
+    for record, paths in layout:
+        target = quoted_text(record["prompt"])
+        images = []
+        for path in paths:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        for path, read in zip(paths, scorer.read(images), strict=True):
+            results.append(
+                {
+                    "filename": str(path),
+                    "index": path.parent.parent.name,
+                    "prompt": record["prompt"],
+                    "target": target,
+                    "read": read,
+                    "reward": ocr_reward(read, target),
+                }
+            )
+    rewards = [r["reward"] for r in results]
+    summary = {
+        "mean": sum(rewards) / len(rewards) if rewards else 0.0,
+        "exact": sum(r == 1.0 for r in rewards) / len(rewards) if rewards else 0.0,
+        "images": len(rewards),
+        "prompts": len(layout),
+    }
+    write_results(results, summary, Path(out) if out is not None else Path(image_dir) / "ocr_results.jsonl")
+    logger.info("OCR reward %.4f over %d images", summary["mean"], summary["images"])
+    return summary

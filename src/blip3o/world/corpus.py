@@ -18,8 +18,8 @@ def world_texts(world: str | Path) -> Iterator[str]:
         meta = sample["meta"]
         yield meta["prompt"]
         yield meta["caption"]
-        for qa in meta.get("qa", ()):
-            yield qa["question"]
-            yield qa["answer"]
+        for qa in meta.get("qa", ()):  # as chat turns, so the role names become tokens too
+            yield f"user\n{qa['question']}"
+            yield f"assistant\n{qa['answer']}"
         if "edit" in meta:
             yield meta["edit"]["instruction"]
