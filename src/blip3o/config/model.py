@@ -1,0 +1,181 @@
+"""Model configuration: the parts of a unified model and how generation is wired.
+
+Two switches and an objective describe a generation path (DESIGN.md): ``condition`` = queries |
+image_tokens, ``target`` = clip | latent, ``objective`` = flow | mse. BLIP3-o is
+queries/clip/flow; its ablations are queries/clip/mse and queries/latent/flow.
+
+Widths are chosen here and nowhere else; derived sizes (feature grid, latent grid, token counts) are
+properties, so no count is ever written twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from blip3o.config.schema import ConfigError, check_float, check_int
+
+
+def _check_heads(key: str, width: int, heads: int, multiple: int = 1) -> None:
+    if width % heads or (width // heads) % multiple:
+        raise ConfigError(f"width {width} must split into {heads} heads of a size divisible by {multiple}", key=key)
+
+
+@dataclass(kw_only=True)
+class BackboneConfig:
+    """The autoregressive backbone (a `transformers` Qwen3 decoder)."""
+
+    pretrained: str | None = None
+    """A hub name or local path to load (then the widths below are ignored); None builds from this config."""
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 192
+    max_positions: int = 256
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
+            check_int(f"backbone.{name}", getattr(self, name), ge=1)
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads", key="backbone")
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """The vision encoder (a `transformers` SigLIP vision tower), used for understanding and as the CLIP target."""
+
+    pretrained: str | None = None
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 192
+    text_layers: int = 2
+    """Layers of the SigLIP text tower used only to train the mini-CLIP contrastively."""
+    pool: int = 2
+    """Average-pool factor from the patch grid to the generation target grid (BLIP3-o: 32 → 8, pool 4)."""
+
+    def __post_init__(self) -> None:
+        check_int("vision.image_size", self.image_size, ge=16, le=1024)
+        check_int("vision.patch_size", self.patch_size, ge=1)
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"must divide image_size {self.image_size}", key="vision.patch_size")
+        if self.grid % self.pool:
+            raise ConfigError(f"must divide the patch grid {self.grid}", key="vision.pool")
+        _check_heads("vision.num_heads", self.hidden_size, self.num_heads)
+
+    @property
+    def grid(self) -> int:
+        """Patch tokens per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def target_grid(self) -> int:
+        """Side of the pooled feature map that generation targets."""
+        return self.grid // self.pool
+
+
+@dataclass(kw_only=True)
+class VAEConfig:
+    """The latent autoencoder (a `diffusers` AutoencoderKL)."""
+
+    pretrained: str | None = None
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    norm_groups: int = 16
+
+    def __post_init__(self) -> None:
+        check_int("vae.latent_channels", self.latent_channels, ge=1)
+        for c in self.block_out_channels:
+            if c % self.norm_groups:
+                raise ConfigError(f"channels {self.block_out_channels} must divide by norm_groups", key="vae")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(kw_only=True)
+class DiTConfig:
+    """A diffusion transformer (Lumina-Next for generation, SANA for the pixel decoder)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 2.5
+    """SANA's MLP ratio (Lumina sizes its FFN from ``multiple_of``)."""
+
+    def __post_init__(self) -> None:
+        check_int("dit.num_layers", self.num_layers, ge=1)
+        _check_heads("dit.num_heads", self.hidden_size, self.num_heads, multiple=4)
+        check_float("dit.mlp_ratio", self.mlp_ratio, gt=0)
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    """How the backbone conditions image generation, what is generated, and with which objective."""
+
+    condition: Literal["queries", "image_tokens"] = "queries"
+    target: Literal["clip", "latent"] = "clip"
+    objective: Literal["flow", "mse"] = "flow"
+    num_queries: int = 16
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    cond_dropout: float = 0.1
+    """Probability of zeroing a sample's whole condition in training (classifier-free guidance)."""
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    shift: float = 1.0
+    steps: int = 30
+    guidance_scale: float = 3.0
+
+    def __post_init__(self) -> None:
+        check_int("generation.num_queries", self.num_queries, ge=1)
+        check_float("generation.cond_dropout", self.cond_dropout, ge=0, le=1)
+        check_float("generation.shift", self.shift, gt=0)
+        check_int("generation.steps", self.steps, ge=1)
+        if self.objective == "mse" and self.target != "clip":
+            raise ConfigError("the MSE objective regresses CLIP features; use target=clip", key="generation.objective")
+        if self.condition != "queries":
+            raise ConfigError("only 'queries' is available for BLIP3-o models", key="generation.condition")
+
+
+@dataclass(kw_only=True)
+class DecoderConfig:
+    """The pixel decoder: a SANA DiT over VAE latents conditioned on CLIP features."""
+
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    cond_dropout: float = 0.1
+    steps: int = 20
+    guidance_scale: float = 1.5
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A unified BLIP3-o model: backbone, vision encoder, VAE, generation head and pixel decoder."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    tokenizer: str | None = None
+    """Path of the text tokenizer (a world-trained BPE at shapes scale, the backbone's own at real scale)."""
+    vocab_size: int = 1024
+
+    @property
+    def target_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the generation head produces."""
+        if self.generation.target == "clip":
+            g = self.vision.target_grid
+            return self.vision.hidden_size, g, g
+        side = self.vision.image_size // self.vae.downsample
+        return self.vae.latent_channels, side, side
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.vision.image_size // self.vae.downsample
+        return self.vae.latent_channels, side, side

@@ -1,0 +1,143 @@
+"""The BLIP3-o pipeline, diffusers-style: ``pipe(prompt, …) → PIL images`` and ``pipe.chat(image, question)``.
+
+Text → image: prompts (left-padded, with the same chat template as in training) → backbone with N
+learnable queries → the queries' hidden states condition the generation head, which is sampled with
+Euler + CFG (unconditional and conditional branches in one batch) → CLIP map → pixel decoder (SANA
+over VAE latents, also Euler + CFG) → VAE decode. With a latent target the head's output goes straight
+to the VAE. Each prompt's noise comes from its own seed, so a batch of prompts gives the same images
+as the prompts one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from blip3o.config.model import ModelConfig
+from blip3o.data.processing import chat_inputs, generation_inputs, to_images, to_pixels
+from blip3o.data.tokenizer import IM_END_TOKEN
+from blip3o.diffusion.sampler import euler_sample
+from blip3o.models.heads import PixelDecoder
+from blip3o.models.unified import BLIP3o
+from blip3o.train.tasks import Encoders, map_to_tokens
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One standard-normal tensor of ``shape`` per seed, stacked: (len(seeds), *shape)."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]).to(
+        device
+    )
+
+
+class BLIP3oPipeline:
+    """Generation and understanding with a trained BLIP3-o model (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        model: BLIP3o,
+        tokenizer: PreTrainedTokenizerBase,
+        encoders: Encoders,
+        decoder: PixelDecoder | None,
+    ) -> None:
+        self.cfg, self.model, self.tokenizer, self.encoders, self.decoder = (
+            cfg,
+            model.eval(),
+            tokenizer,
+            encoders,
+            decoder,
+        )
+        if cfg.generation.target == "clip" and decoder is None:
+            raise ValueError("a CLIP-target model needs a pixel decoder to make pixels")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_images: int = 1,
+        seed: int | Sequence[int] = 0,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        decoder_guidance_scale: float | None = None,
+        decoder_steps: int | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Images for each prompt (``num_images`` each, prompt-major). ``seed``: one int, or one per prompt;
+        image k of a prompt with seed s uses seed s + k."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one int or one per prompt")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        gen = self.cfg.generation
+        all_prompts = [p for p in prompts for _ in range(num_images)]
+        all_seeds = [s + k for s in seeds for k in range(num_images)]
+        ids, mask = generation_inputs(self.tokenizer, all_prompts)
+        cond = self.model.condition(ids, mask)  # (B, N, D)
+        if gen.objective == "mse":
+            target = self.model.regress(cond)
+        else:
+            noise = seeded_noise(self.cfg.target_shape, all_seeds)
+            target = euler_sample(
+                self.model.velocity,
+                noise,
+                cond,
+                uncond=torch.zeros_like(cond),
+                num_steps=num_inference_steps or gen.steps,
+                guidance_scale=gen.guidance_scale if guidance_scale is None else guidance_scale,
+                shift=gen.shift,
+                progress=progress,
+            )
+        if gen.target == "latent":
+            return to_images(self.encoders.decode(target))
+        return to_images(self.decode_features(target, all_seeds, decoder_guidance_scale, decoder_steps, progress))
+
+    @torch.no_grad()
+    def decode_features(
+        self,
+        features: torch.Tensor,
+        seeds: Sequence[int],
+        guidance_scale: float | None = None,
+        steps: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Scaled CLIP maps (B, D, g, g) → pixels (B, 3, H, W) through the pixel decoder and the VAE."""
+        dec = self.cfg.decoder
+        tokens = map_to_tokens(features)
+        noise = seeded_noise(self.cfg.latent_shape, [s + 7919 for s in seeds])
+        latents = euler_sample(
+            self.decoder,
+            noise,
+            tokens,
+            uncond=torch.zeros_like(tokens),
+            num_steps=steps or dec.steps,
+            guidance_scale=dec.guidance_scale if guidance_scale is None else guidance_scale,
+            progress=progress,
+        )
+        return self.encoders.decode(latents)
+
+    @torch.no_grad()
+    def chat(
+        self, image: Image.Image | Sequence[Image.Image], question: str | Sequence[str], max_new_tokens: int = 48
+    ) -> str | list[str]:
+        """Answer questions about images (greedy, KV-cached ``generate`` of the backbone)."""
+        single = isinstance(question, str)
+        images = [image] if single else list(image)
+        questions = [question] if single else list(question)
+        ids, mask = chat_inputs(self.tokenizer, questions, self.cfg.vision.grid**2)
+        embeds = self.model.embed(ids, to_pixels(images, self.cfg.vision.image_size))
+        end = self.tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
+        out = self.model.backbone.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=end,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+        return answers[0] if single else answers

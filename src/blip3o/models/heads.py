@@ -1,0 +1,82 @@
+"""Generation heads and the pixel decoder: velocity networks and regressors, no noise or loss inside.
+
+- :class:`FlowHead` wraps diffusers' ``LuminaNextDiT2DModel`` (BLIP3-o's generation DiT): the query
+  hidden states go through a PixArt-style projection (Linear → GELU(tanh) → Linear) and condition
+  the DiT by cross-attention; the DiT predicts the flow velocity of a (C, h, w) target map.
+- :class:`RegressionHead` is the CLIP + MSE ablation: each query's hidden state is mapped to one
+  token of the target feature map.
+- :class:`PixelDecoder` wraps diffusers' ``SanaTransformer2DModel`` over VAE latents, conditioned on
+  CLIP feature tokens (the official SigLIP2 → SANA reconstruction design).
+
+Time conventions of the wrapped models are folded in here: callers always pass σ ∈ [0, 1] with σ = 1
+pure noise. Lumina-Next counts time the other way (t = 1 − σ); SANA takes 1000·σ.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+from torch import nn
+
+from blip3o.config.model import DiTConfig
+from blip3o.models.parts import build_lumina, build_sana
+
+
+def condition_projection(in_dim: int, out_dim: int) -> nn.Sequential:
+    """PixArt-α's caption projection, as used by BLIP3-o before its DiT."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(approximate="tanh"), nn.Linear(out_dim, out_dim))
+
+
+class FlowHead(nn.Module):
+    """Velocity network over a (C, h, w) map conditioned on (B, L, H) hidden states."""
+
+    def __init__(self, cfg: DiTConfig, channels: int, side: int, cond_dim: int) -> None:
+        super().__init__()
+        self.cond_proj = condition_projection(cond_dim, cfg.hidden_size)
+        self.dit = build_lumina(cfg, channels, side, cfg.hidden_size)
+        with torch.no_grad():  # diffusers leaves it uninitialised; it is only used for ragged patch grids
+            self.dit.pad_token.zero_()
+        head_dim = cfg.hidden_size // cfg.num_heads
+        self.register_buffer(
+            "rope", torch.view_as_real(get_2d_rotary_pos_embed_lumina(head_dim, side, side)), persistent=False
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, C, h, w), σ (B,), cond (B, L, H), cond_mask (B, L) → velocity (B, C, h, w)."""
+        if cond_mask is None:
+            cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+        rope = torch.view_as_complex(self.rope.float().contiguous())
+        out = self.dit(x, 1.0 - sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={})
+        return out.sample
+
+
+class RegressionHead(nn.Module):
+    """CLIP + MSE: query i's hidden state → token i of the (C, h, w) target map (needs L = h·w queries)."""
+
+    def __init__(self, cond_dim: int, channels: int, side: int) -> None:
+        super().__init__()
+        self.channels, self.side = channels, side
+        self.net = condition_projection(cond_dim, channels)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        b, n, _ = cond.shape
+        if n != self.side * self.side:
+            raise ValueError(f"the MSE head needs {self.side**2} queries (one per feature token), got {n}")
+        return self.net(cond).transpose(1, 2).reshape(b, self.channels, self.side, self.side)  # (B, C, h, w)
+
+
+class PixelDecoder(nn.Module):
+    """SANA velocity network over VAE latents, conditioned on CLIP feature tokens (B, L, D)."""
+
+    def __init__(self, cfg: DiTConfig, latent_channels: int, latent_side: int, clip_dim: int) -> None:
+        super().__init__()
+        self.dit = build_sana(cfg, latent_channels, latent_side, clip_dim)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
+        return self.dit(x, clip_tokens, 1000.0 * sigma).sample

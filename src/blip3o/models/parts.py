@@ -1,0 +1,137 @@
+"""Builders for the `transformers`/`diffusers` parts of a unified model, from config or from a checkpoint.
+
+Each builder returns the library's own class, so a tiny random part in a test and a full-size
+pretrained part share every line of code. Nothing here downloads: a ``pretrained`` name is passed to
+``from_pretrained``, which resolves a local path or the user's Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, LuminaNextDiT2DModel, SanaTransformer2DModel
+from torch import nn
+from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipConfig, SiglipModel
+
+from blip3o.config.model import BackboneConfig, DiTConfig, VAEConfig, VisionConfig
+
+
+def build_backbone(cfg: BackboneConfig, vocab_size: int) -> Qwen3ForCausalLM:
+    """A Qwen3 causal LM (SDPA attention, tied embeddings at shapes scale)."""
+    if cfg.pretrained:
+        return Qwen3ForCausalLM.from_pretrained(cfg.pretrained)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    return Qwen3ForCausalLM(config)
+
+
+def build_clip(cfg: VisionConfig, vocab_size: int) -> SiglipModel:
+    """A SigLIP model (vision + text towers): the mini-CLIP, trained contrastively on world captions.
+
+    The vision tower alone serves understanding and defines the CLIP features that generation targets.
+    """
+    if cfg.pretrained:
+        return SiglipModel.from_pretrained(cfg.pretrained)
+    vision = {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+    }
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.text_layers,
+        "num_attention_heads": cfg.num_heads,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    return SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
+
+
+def build_vae(cfg: VAEConfig) -> AutoencoderKL:
+    """An AutoencoderKL with ``len(block_out_channels) - 1`` halvings."""
+    if cfg.pretrained:
+        return AutoencoderKL.from_pretrained(cfg.pretrained)
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_groups,
+        sample_size=64,
+    )
+
+
+def build_lumina(cfg: DiTConfig, channels: int, side: int, cond_dim: int) -> LuminaNextDiT2DModel:
+    """The BLIP3-o generation DiT: Lumina-Next with cross-attention, patch size 1 over a (channels, side, side) map."""
+    return LuminaNextDiT2DModel(
+        sample_size=side,
+        patch_size=1,
+        in_channels=channels,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_heads,
+        multiple_of=16,
+        norm_eps=1e-5,
+        learn_sigma=False,
+        qk_norm=True,
+        cross_attention_dim=cond_dim,
+    )
+
+
+def build_sana(cfg: DiTConfig, channels: int, side: int, caption_channels: int) -> SanaTransformer2DModel:
+    """A SANA DiT over (channels, side, side) latents with cross-attention to ``caption_channels``-wide tokens."""
+    head_dim = cfg.hidden_size // cfg.num_heads
+    return SanaTransformer2DModel(
+        in_channels=channels,
+        out_channels=channels,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=head_dim,
+        num_layers=cfg.num_layers,
+        num_cross_attention_heads=cfg.num_heads,
+        cross_attention_head_dim=head_dim,
+        cross_attention_dim=cfg.hidden_size,
+        caption_channels=caption_channels,
+        mlp_ratio=cfg.mlp_ratio,
+        sample_size=side,
+        patch_size=1,
+    )
+
+
+class Projector(nn.Module):
+    """The understanding projector: vision width → backbone width (Linear → GELU → Linear), as in LLaVA."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def count_parameters(module: nn.Module) -> dict[str, Any]:
+    return {"total": sum(p.numel() for p in module.parameters())}

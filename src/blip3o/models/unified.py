@@ -1,0 +1,122 @@
+"""The unified BLIP3-o model: understanding (image → text) and query-conditioned generation in one module.
+
+Parts are injected already built (``backbone``, ``vision``, ``projector``, generation ``head``);
+the model composes them and returns tensors; losses, noise and sampling live in ``train/`` and
+``diffusion/``. The VAE and the pixel decoder stay outside: they are frozen at generation time and
+the pipeline owns them.
+
+Sequences:
+- understanding: a chat prompt whose ``<image>`` placeholders (one per vision patch) are replaced by
+  projected vision features (one vectorised ``masked_scatter``);
+- generation: the (left-padded) prompt followed by N learnable query embeddings; position ids are
+  derived from the attention mask, so a row's hidden states do not depend on its padding, and the
+  queries' last hidden states (always the last N positions) are the condition.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from blip3o.models.heads import FlowHead, RegressionHead
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a (possibly left-padded) attention mask (B, T): 0, 1, … over the real tokens."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class BLIP3o(nn.Module):
+    """Backbone + vision encoder + projector + N learnable queries + generation head.
+
+    Args:
+        backbone: a causal LM (``transformers`` Qwen3/Qwen2-style: ``.model`` decoder and ``.lm_head``).
+        vision: a vision tower returning ``last_hidden_state`` (B, P, Dv) (SigLIP).
+        projector: maps vision features to the backbone width.
+        head: :class:`FlowHead` or :class:`RegressionHead`.
+        num_queries: N; image_token_id: the placeholder id replaced by vision features.
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        vision: nn.Module,
+        projector: nn.Module,
+        head: FlowHead | RegressionHead,
+        num_queries: int,
+        image_token_id: int,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.vision, self.projector, self.head = backbone, vision, projector, head
+        width = backbone.config.hidden_size
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * width**-0.5)
+        self.image_token_id = image_token_id
+
+    @property
+    def num_queries(self) -> int:
+        return self.queries.shape[0]
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] → (B, P, D) backbone-width tokens."""
+        return self.projector(self.vision(pixel_values=pixels).last_hidden_state)
+
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with every ``<image>`` placeholder replaced by the image features, in order."""
+        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
+        slots = input_ids == self.image_token_id
+        if pixels is None:
+            return embeds
+        feats = self.image_features(pixels).to(embeds.dtype)  # (B_img, P, D)
+        # Placeholder counts are checked by the data pipeline; a mismatch here is a bug, not user error.
+        return embeds.masked_scatter(slots.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (B, T, V) of a multimodal sequence."""
+        out = self.backbone(
+            inputs_embeds=self.embed(input_ids, pixels),
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        )
+        return out.logits
+
+    def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The queries' last hidden states (B, N, D) after a left-padded prompt (B, T)."""
+        b = input_ids.shape[0]
+        embeds = torch.cat([self.embed(input_ids), self.queries.expand(b, -1, -1).to(self.queries.dtype)], 1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(b, self.num_queries)], 1)
+        out = self.backbone.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
+        )
+        return out.last_hidden_state[:, -self.num_queries :]  # (B, N, D)
+
+    def forward(self, mode: str, **inputs: torch.Tensor) -> torch.Tensor:
+        """Training entry point (FSDP wraps ``forward``): ``"logits"`` or ``"generate"``.
+
+        ``generate`` takes input_ids, attention_mask, keep (B,) (1 keeps the condition, 0 drops it for
+        classifier-free guidance) and, for flow heads, x (B, C, h, w) and sigma (B,); it returns the
+        velocity, or the regressed map for the MSE head.
+        """
+        if mode == "logits":
+            return self.logits(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixels"))
+        if mode == "generate":
+            cond = self.condition(inputs["input_ids"], inputs["attention_mask"])
+            cond = cond * inputs["keep"].to(cond.dtype)[:, None, None]
+            if isinstance(self.head, RegressionHead):
+                return self.regress(cond)
+            return self.velocity(inputs["x"], inputs["sigma"], cond)
+        raise ValueError(f"unknown mode {mode!r}; allowed: 'logits', 'generate'")
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The generation head's velocity for x_σ (B, C, h, w) given the query condition (B, N, D)."""
+        return self.head(x, sigma, cond)
+
+    def regress(self, cond: torch.Tensor) -> torch.Tensor:
+        """CLIP + MSE: the predicted feature map (B, C, h, w)."""
+        return self.head(cond)

@@ -1,0 +1,141 @@
+"""BLIP3-o model glue: sequences, padding invariance, the three generation variants, the pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import LuminaNextDiT2DModel, SanaTransformer2DModel
+from transformers import Qwen3ForCausalLM
+
+from blip3o.config.model import GenerationConfig, ModelConfig
+from blip3o.data.processing import generation_inputs, understanding_inputs
+from blip3o.data.tokenizer import train_bpe_tokenizer
+from blip3o.infer.pipeline import BLIP3oPipeline
+from blip3o.models.heads import FlowHead, PixelDecoder, RegressionHead
+from blip3o.models.parts import build_clip, build_vae
+from blip3o.models.unified import positions_from_mask
+from blip3o.train.tasks import Encoders, build_blip3o, causal_lm_loss
+
+TEXTS = [
+    "a photo of a red circle",
+    "a photo of two stars",
+    "a photo of a blue square left of a green cross",
+    "Generate an image: ",
+    "What colour is the circle?",
+    "red",
+    "Describe the image.",
+    "yes",
+    "no",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(TEXTS, vocab_size=300)
+
+
+def _pipeline(tokenizer, generation: GenerationConfig) -> BLIP3oPipeline:
+    torch.manual_seed(0)
+    cfg = ModelConfig(generation=generation)
+    clip = build_clip(cfg.vision, len(tokenizer))
+    enc = Encoders(
+        clip.vision_model,
+        build_vae(cfg.vae),
+        cfg.vision.pool,
+        {"feature_scale": 1.0, "latent_shift": 0.0, "latent_scale": 1.0},
+    )
+    model = build_blip3o(cfg, tokenizer, enc.vision)
+    c, side, _ = cfg.latent_shape
+    decoder = PixelDecoder(cfg.decoder.dit, c, side, cfg.vision.hidden_size) if generation.target == "clip" else None
+    return BLIP3oPipeline(cfg, model, tokenizer, enc, decoder)
+
+
+def test_parts_are_the_library_classes(tokenizer):
+    pipe = _pipeline(tokenizer, GenerationConfig())
+    assert isinstance(pipe.model.backbone, Qwen3ForCausalLM)
+    assert isinstance(pipe.model.head.dit, LuminaNextDiT2DModel)
+    assert isinstance(pipe.decoder.dit, SanaTransformer2DModel)
+
+
+def test_positions_from_left_padded_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_condition_does_not_depend_on_padding(tokenizer):
+    model = _pipeline(tokenizer, GenerationConfig()).model.eval()
+    prompts = ["a photo of a red circle", "a photo of a blue square left of a green cross"]
+    ids, mask = generation_inputs(tokenizer, prompts)
+    assert mask[0].sum() < mask[1].sum()  # the first row is left-padded
+    with torch.no_grad():
+        together = model.condition(ids, mask)
+        alone = [model.condition(*generation_inputs(tokenizer, [p])) for p in prompts]
+    for i in range(2):
+        torch.testing.assert_close(together[i], alone[i][0], rtol=1e-4, atol=1e-5)
+
+
+def test_image_placeholders_take_the_projected_features(tokenizer):
+    model = _pipeline(tokenizer, GenerationConfig()).model.eval()
+    n = model.vision.config.image_size // model.vision.config.patch_size
+    batch = understanding_inputs(tokenizer, ["What colour is the circle?"], ["red"], n * n)
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], pixels)
+        feats = model.image_features(pixels)
+    slots = batch["input_ids"][0] == model.image_token_id
+    assert int(slots.sum()) == n * n
+    torch.testing.assert_close(embeds[0, slots], feats[0])
+    text = model.backbone.get_input_embeddings()(batch["input_ids"])[0, ~slots]
+    torch.testing.assert_close(embeds[0, ~slots], text)
+    # labels cover exactly the answer and <|im_end|>
+    labelled = batch["labels"][0][batch["labels"][0] >= 0].tolist()
+    assert tokenizer.decode(labelled) == "red<|im_end|>"
+
+
+def test_lm_loss_matches_transformers(tokenizer):
+    model = _pipeline(tokenizer, GenerationConfig()).model.eval()
+    batch = understanding_inputs(
+        tokenizer, ["Describe the image.", "What colour is the circle?"], ["a photo of two stars", "red"], 4
+    )
+    batch["input_ids"][batch["input_ids"] == model.image_token_id] = 5  # text-only: compare with HF's own loss
+    with torch.no_grad():
+        ours = causal_lm_loss(model.logits(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        ref = model.backbone(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("target", "objective", "head"),
+    [("clip", "flow", FlowHead), ("clip", "mse", RegressionHead), ("latent", "flow", FlowHead)],
+)
+def test_three_variants_generate_images(tokenizer, target, objective, head):
+    pipe = _pipeline(tokenizer, GenerationConfig(target=target, objective=objective))
+    assert isinstance(pipe.model.head, head)
+    images = pipe("a photo of two stars", num_images=2, seed=3, num_inference_steps=2, decoder_steps=2)
+    assert len(images) == 2 and images[0].size == (64, 64)
+    if objective == "flow":  # different seeds → different images
+        assert images[0].tobytes() != images[1].tobytes()
+
+
+def test_batch_of_prompts_equals_prompts_one_at_a_time(tokenizer):
+    pipe = _pipeline(tokenizer, GenerationConfig())
+    prompts = ["a photo of a red circle", "a photo of a blue square left of a green cross"]
+    together = pipe(prompts, seed=[11, 42], num_inference_steps=3, decoder_steps=3)
+    alone = [pipe(p, seed=s, num_inference_steps=3, decoder_steps=3)[0] for p, s in zip(prompts, [11, 42], strict=True)]
+    for a, b in zip(together, alone, strict=True):
+        diff = torch.tensor(list(a.tobytes())).int() - torch.tensor(list(b.tobytes())).int()
+        assert diff.abs().max() <= 1
+
+
+def test_chat_returns_text(tokenizer):
+    pipe = _pipeline(tokenizer, GenerationConfig())
+    from PIL import Image
+
+    answer = pipe.chat(Image.new("RGB", (64, 64), (255, 0, 0)), "What colour is the circle?", max_new_tokens=4)
+    assert isinstance(answer, str)
+    answers = pipe.chat(
+        [Image.new("RGB", (64, 64))] * 2, ["What colour is the circle?", "Describe the image."], max_new_tokens=4
+    )
+    assert len(answers) == 2
