@@ -86,7 +86,7 @@ def _config_show(args: argparse.Namespace) -> int:
 def _config_presets(args: argparse.Namespace) -> int:
     for name, fn in PRESETS.items():
         doc = (fn.__doc__ or "").strip().splitlines()
-        print(f"{name:<16}{doc[0] if doc else ''}")
+        print(f"{name:<28}{doc[0] if doc else ''}")
     return 0
 
 

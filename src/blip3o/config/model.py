@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from blip3o.config.schema import ConfigError, check_float, check_int
+from blip3o.config.checks import ConfigError, check_float, check_int
 
 
 def _check_heads(key: str, width: int, heads: int, multiple: int = 1) -> None:

@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from blip3o.config.io import apply_overrides
+from blip3o.config.recipe import STAGES
 from blip3o.config.schema import ConfigError, RunConfig
 
-__all__ = ["PRESETS", "get_preset", "resolve", "shapes_demo", "tiny_debug"]
+__all__ = ["PRESETS", "get_preset", "resolve", "shapes_blip3o", "shapes_demo", "tiny_debug"]
 
 
 def shapes_demo() -> RunConfig:
@@ -27,19 +28,70 @@ def shapes_demo() -> RunConfig:
 
 
 def tiny_debug() -> RunConfig:
-    """The smallest useful run, for tests and CPU smoke runs: 32 px images, 64 samples, 12 prompts."""
+    """The smallest useful run, for tests and CPU smoke runs: 32 px images, 64 samples, a few steps per stage."""
     base = shapes_demo()
+    tiny_steps = {
+        name: replace(
+            base.recipe.stage(name),
+            steps=4,
+            batch_size=8,
+            log_every=2,
+            ckpt_every=2,
+            optim=replace(base.recipe.stage(name).optim, warmup_steps=0),
+        )
+        for name in STAGES
+    }
     return replace(
         base,
         name="tiny-debug",
         world=replace(base.world, size=32, n_train=64, n_heldout=16, n_prompts=24, shard_size=32),
         eval=replace(base.eval, images_per_prompt=1, n_prompts=12),
+        model=replace(base.model, vision=replace(base.model.vision, image_size=32, patch_size=4)),
+        recipe=replace(base.recipe, vocab_size=512, **tiny_steps),
     )
+
+
+def shapes_blip3o() -> RunConfig:
+    """The default BLIP3-o shapes recipe: CLIP + flow matching, sequential training, all five stages."""
+    base = shapes_demo()
+    return replace(base, name="shapes-blip3o", world=replace(base.world, n_train=4000, n_heldout=400))
+
+
+def _variant(name: str, **generation: object) -> Callable[[], RunConfig]:
+    def build() -> RunConfig:
+        base = shapes_blip3o()
+        return replace(
+            base, name=name, model=replace(base.model, generation=replace(base.model.generation, **generation))
+        )
+
+    build.__doc__ = f"The shapes recipe with generation {generation} (the paper's ablation)."
+    return build
+
+
+def shapes_blip3o_joint() -> RunConfig:
+    """The shapes recipe with joint training: backbone trainable, understanding batches mixed into generation."""
+    base = shapes_blip3o()
+    gen = replace(base.recipe.generation, trainable=["backbone", "projector", "queries", "head"])
+    return replace(base, name="shapes-blip3o-joint", recipe=replace(base.recipe, training="joint", generation=gen))
+
+
+def _stage_preset(stage: str) -> Callable[[], RunConfig]:
+    def build() -> RunConfig:
+        base = shapes_blip3o()
+        return replace(base, name=f"shapes-blip3o-{stage}", recipe=replace(base.recipe, stages=[stage]))
+
+    build.__doc__ = f"Only the {stage} stage of the shapes recipe (earlier stages must be in the run directory)."
+    return build
 
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "shapes-demo": shapes_demo,
     "tiny-debug": tiny_debug,
+    "shapes-blip3o": shapes_blip3o,
+    "shapes-blip3o-mse": _variant("shapes-blip3o-mse", objective="mse"),
+    "shapes-blip3o-latent": _variant("shapes-blip3o-latent", target="latent"),
+    "shapes-blip3o-joint": shapes_blip3o_joint,
+    **{f"shapes-blip3o-{stage}": _stage_preset(stage) for stage in STAGES},
 }
 """Preset name -> function building a fresh :class:`RunConfig` (a new object on every call)."""
 

@@ -1,0 +1,137 @@
+"""The staged shapes recipe in one run directory, and loading a finished run back as a pipeline.
+
+Run directory::
+
+    config.yaml      the resolved RunConfig
+    world/           the shapes world (made once, reused when the world config matches)
+    tokenizer/       the BPE tokenizer trained on the world's text
+    clip/ vae/ decoder/ understanding/ generation/   one trainer run per stage (metrics, curves, checkpoints,
+                     model.safetensors, summary.json)
+    scales.json      feature and latent scales measured after the clip and vae stages
+
+Stages already finished in the directory are skipped; an interrupted stage resumes from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from blip3o.config import RunConfig, dump_yaml, load_yaml
+from blip3o.config.recipe import STAGES
+from blip3o.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
+from blip3o.data.world_data import load_split
+from blip3o.models.heads import PixelDecoder
+from blip3o.train.tasks import (
+    ClipTask,
+    DecoderTask,
+    Encoders,
+    GenerationTask,
+    UnderstandingTask,
+    VAETask,
+    build_blip3o,
+    load_weights,
+    measure_scales,
+)
+from blip3o.train.trainer import train
+from blip3o.world.corpus import world_texts
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.safetensors"
+
+
+def _require(path: Path, stage: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first (it is in recipe.stages)")
+    return path
+
+
+def prepare(cfg: RunConfig, out: Path, progress: bool = True) -> tuple[Path, Path]:
+    """The world and tokenizer of a run directory, made if missing."""
+    from blip3o.demo import ensure_world
+
+    if cfg.model.vision.image_size != cfg.world.size:
+        raise ValueError(
+            f"model.vision.image_size ({cfg.model.vision.image_size}) must equal world.size ({cfg.world.size})"
+        )
+    world = ensure_world(cfg, out / "world", progress)
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        save_tokenizer(train_bpe_tokenizer(world_texts(world), vocab_size=cfg.recipe.vocab_size), tok_dir)
+    return world, tok_dir
+
+
+def encoders(cfg: RunConfig, out: Path) -> Encoders:
+    """The frozen mini-CLIP vision tower and VAE of a run, with their scales (measured once, then read)."""
+    vocab = len(load_tokenizer(out / "tokenizer"))
+    scales_path = out / "scales.json"
+    clip_w, vae_w = _require(out / "clip" / MODEL_FILE, "clip"), _require(out / "vae" / MODEL_FILE, "vae")
+    if not scales_path.is_file():
+        unit = {"feature_scale": 1.0, "latent_shift": 0.0, "latent_scale": 1.0}
+        raw = Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, unit)
+        scales = measure_scales(raw.vision, raw.vae, load_split(out / "world", "train").images, cfg.model.vision.pool)
+        scales_path.write_text(json.dumps(scales, indent=1))
+    return Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, json.loads(scales_path.read_text()))
+
+
+def make_task(stage: str, cfg: RunConfig, out: Path):
+    world, tok = out / "world", out / "tokenizer"
+    tcfg = cfg.recipe.stage(stage)
+    common = (cfg.model, world, tok, tcfg.batch_size, tcfg.seed)
+    if stage == "clip":
+        return ClipTask(*common)
+    if stage == "vae":
+        return VAETask(*common)
+    if stage == "decoder":
+        return DecoderTask(*common, encoders(cfg, out))
+    if stage == "understanding":
+        return UnderstandingTask(*common, encoders(cfg, out))
+    if stage == "generation":
+        init = _require(out / "understanding" / MODEL_FILE, "understanding")
+        weight = cfg.recipe.joint_weight if cfg.recipe.training == "joint" else 0.0
+        return GenerationTask(*common, encoders(cfg, out), init, joint_weight=weight)
+    raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+
+
+def run_recipe(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run the recipe's stages in order into ``out``; returns each stage's summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, out / "config.yaml")
+    prepare(cfg, out, progress)
+    summaries = {}
+    for stage in cfg.recipe.stages:
+        log.info("stage %s", stage)
+        summaries[stage] = train(
+            make_task(stage, cfg, out),
+            cfg.recipe.stage(stage),
+            out / stage,
+            resume=True,
+            config_to_save=cfg,
+            progress=progress,
+        )
+    return summaries
+
+
+def load_pipeline(run: str | Path):
+    """A :class:`~blip3o.infer.pipeline.BLIP3oPipeline` from a run directory (its generation stage, else
+    its understanding stage)."""
+    from blip3o.infer.pipeline import BLIP3oPipeline
+
+    run = Path(run)
+    cfg = load_yaml(_require(run / "config.yaml", "any"), RunConfig)
+    tokenizer = load_tokenizer(run / "tokenizer")
+    enc = encoders(cfg, run)
+    model = build_blip3o(cfg.model, tokenizer, enc.vision)
+    stage = "generation" if (run / "generation" / MODEL_FILE).is_file() else "understanding"
+    load_weights(model, _require(run / stage / MODEL_FILE, stage))
+    decoder = None
+    if (run / "decoder" / MODEL_FILE).is_file():
+        c, side, _ = cfg.model.latent_shape
+        decoder = load_weights(
+            PixelDecoder(cfg.model.decoder.dit, c, side, cfg.model.vision.hidden_size), run / "decoder" / MODEL_FILE
+        ).eval()
+    return BLIP3oPipeline(cfg.model, model, tokenizer, enc, decoder)
