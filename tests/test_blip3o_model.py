@@ -11,10 +11,11 @@ from blip3o.config.model import GenerationConfig, ModelConfig
 from blip3o.data.processing import generation_inputs, understanding_inputs
 from blip3o.data.tokenizer import train_bpe_tokenizer
 from blip3o.infer.pipeline import BLIP3oPipeline
+from blip3o.models.build import Encoders, build_blip3o
 from blip3o.models.heads import FlowHead, PixelDecoder, RegressionHead
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import positions_from_mask
-from blip3o.train.tasks import Encoders, build_blip3o, causal_lm_loss
+from blip3o.train.tasks import causal_lm_loss
 
 TEXTS = [
     "a photo of a red circle",

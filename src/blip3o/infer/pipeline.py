@@ -10,19 +10,31 @@ as the prompts one at a time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from blip3o.config import RunConfig, load_yaml
 from blip3o.config.model import ModelConfig
 from blip3o.data.processing import chat_inputs, generation_inputs, to_images, to_pixels
-from blip3o.data.tokenizer import IM_END_TOKEN
+from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
 from blip3o.diffusion.sampler import euler_sample
+from blip3o.models.build import Encoders, build_blip3o, load_weights, map_to_tokens
 from blip3o.models.heads import PixelDecoder
 from blip3o.models.unified import BLIP3o
-from blip3o.train.tasks import Encoders, map_to_tokens
+
+MODEL_FILE = "model.safetensors"
+
+
+def require(path: Path, stage: str) -> Path:
+    """``path`` if it exists, else an error naming the training stage that makes it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first (`blip3o train`)")
+    return path
 
 
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -52,6 +64,25 @@ class BLIP3oPipeline:
         )
         if cfg.generation.target == "clip" and decoder is None:
             raise ValueError("a CLIP-target model needs a pixel decoder to make pixels")
+
+    @classmethod
+    def from_run(cls, run: str | Path) -> BLIP3oPipeline:
+        """Load a trained run directory (its generation stage, else its understanding stage)."""
+        run = Path(run)
+        cfg = load_yaml(require(run / "config.yaml", "any"), RunConfig).model
+        tokenizer = load_tokenizer(run / "tokenizer")
+        scales = json.loads(require(run / "scales.json", "clip and vae").read_text())
+        enc = Encoders.from_weights(cfg, len(tokenizer), require(run / "clip" / MODEL_FILE, "clip"),
+                                    require(run / "vae" / MODEL_FILE, "vae"), scales)
+        model = build_blip3o(cfg, tokenizer, enc.vision)
+        stage = "generation" if (run / "generation" / MODEL_FILE).is_file() else "understanding"
+        load_weights(model, require(run / stage / MODEL_FILE, stage))
+        decoder = None
+        if (run / "decoder" / MODEL_FILE).is_file():
+            c, side, _ = cfg.latent_shape
+            decoder = PixelDecoder(cfg.decoder.dit, c, side, cfg.vision.hidden_size)
+            load_weights(decoder, run / "decoder" / MODEL_FILE)
+        return cls(cfg, model, tokenizer, enc, decoder)
 
     @torch.no_grad()
     def __call__(

@@ -20,33 +20,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from blip3o.config import RunConfig, dump_yaml, load_yaml
+from blip3o.config import RunConfig, dump_yaml
 from blip3o.config.recipe import STAGES
 from blip3o.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 from blip3o.data.world_data import load_split
-from blip3o.models.heads import PixelDecoder
-from blip3o.train.tasks import (
-    ClipTask,
-    DecoderTask,
-    Encoders,
-    GenerationTask,
-    UnderstandingTask,
-    VAETask,
-    build_blip3o,
-    load_weights,
-    measure_scales,
-)
+from blip3o.infer.pipeline import MODEL_FILE, require
+from blip3o.models.build import Encoders, measure_scales
+from blip3o.train.tasks import ClipTask, DecoderTask, GenerationTask, UnderstandingTask, VAETask
 from blip3o.train.trainer import train
 from blip3o.world.corpus import world_texts
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.safetensors"
-
-
-def _require(path: Path, stage: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first (it is in recipe.stages)")
-    return path
 
 
 def prepare(cfg: RunConfig, out: Path, progress: bool = True) -> tuple[Path, Path]:
@@ -68,7 +52,7 @@ def encoders(cfg: RunConfig, out: Path) -> Encoders:
     """The frozen mini-CLIP vision tower and VAE of a run, with their scales (measured once, then read)."""
     vocab = len(load_tokenizer(out / "tokenizer"))
     scales_path = out / "scales.json"
-    clip_w, vae_w = _require(out / "clip" / MODEL_FILE, "clip"), _require(out / "vae" / MODEL_FILE, "vae")
+    clip_w, vae_w = require(out / "clip" / MODEL_FILE, "clip"), require(out / "vae" / MODEL_FILE, "vae")
     if not scales_path.is_file():
         unit = {"feature_scale": 1.0, "latent_shift": 0.0, "latent_scale": 1.0}
         raw = Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, unit)
@@ -90,7 +74,7 @@ def make_task(stage: str, cfg: RunConfig, out: Path):
     if stage == "understanding":
         return UnderstandingTask(*common, encoders(cfg, out))
     if stage == "generation":
-        init = _require(out / "understanding" / MODEL_FILE, "understanding")
+        init = require(out / "understanding" / MODEL_FILE, "understanding")
         weight = cfg.recipe.joint_weight if cfg.recipe.training == "joint" else 0.0
         return GenerationTask(*common, encoders(cfg, out), init, joint_weight=weight)
     raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
@@ -114,24 +98,3 @@ def run_recipe(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dic
             progress=progress,
         )
     return summaries
-
-
-def load_pipeline(run: str | Path):
-    """A :class:`~blip3o.infer.pipeline.BLIP3oPipeline` from a run directory (its generation stage, else
-    its understanding stage)."""
-    from blip3o.infer.pipeline import BLIP3oPipeline
-
-    run = Path(run)
-    cfg = load_yaml(_require(run / "config.yaml", "any"), RunConfig)
-    tokenizer = load_tokenizer(run / "tokenizer")
-    enc = encoders(cfg, run)
-    model = build_blip3o(cfg.model, tokenizer, enc.vision)
-    stage = "generation" if (run / "generation" / MODEL_FILE).is_file() else "understanding"
-    load_weights(model, _require(run / stage / MODEL_FILE, stage))
-    decoder = None
-    if (run / "decoder" / MODEL_FILE).is_file():
-        c, side, _ = cfg.model.latent_shape
-        decoder = load_weights(
-            PixelDecoder(cfg.model.decoder.dit, c, side, cfg.model.vision.hidden_size), run / "decoder" / MODEL_FILE
-        ).eval()
-    return BLIP3oPipeline(cfg.model, model, tokenizer, enc, decoder)

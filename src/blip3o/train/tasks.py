@@ -12,7 +12,7 @@ sequential recipe; or everything trainable with understanding batches mixed in: 
 
 from __future__ import annotations
 
-import json
+import copy
 import random
 from pathlib import Path
 from typing import Any
@@ -24,49 +24,12 @@ from torch import nn
 
 from blip3o.config.model import ModelConfig
 from blip3o.data.processing import generation_inputs, to_pixels, understanding_inputs
-from blip3o.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
-from blip3o.models.heads import FlowHead, PixelDecoder, RegressionHead
-from blip3o.models.parts import Projector, build_backbone, build_clip, build_vae
-from blip3o.models.unified import BLIP3o
-
-
-def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> nn.Module:
-    """Load a safetensors file (optionally only keys under ``prefix``) strictly into ``module``."""
-    state = load_file(str(path))
-    if prefix:
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    module.load_state_dict(state, strict=True)
-    return module
-
-
-def clip_map(vision: nn.Module, pixels: torch.Tensor, pool: int) -> torch.Tensor:
-    """The pooled CLIP feature map (B, D, g, g) of images (B, 3, H, W) in [-1, 1]."""
-    tokens = vision(pixel_values=pixels).last_hidden_state  # (B, P, D)
-    b, p, d = tokens.shape
-    side = int(p**0.5)
-    grid = tokens.transpose(1, 2).reshape(b, d, side, side)
-    return F.avg_pool2d(grid, pool) if pool > 1 else grid
-
-
-def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, g, g) → (B, g·g, D), row-major."""
-    return x.flatten(2).transpose(1, 2)
-
-
-class Stats:
-    """Scalars a stage measures for later stages (feature and latent scales), kept in ``stats.json``."""
-
-    @staticmethod
-    def read(run_dir: str | Path) -> dict[str, float]:
-        return json.loads((Path(run_dir) / "stats.json").read_text())
-
-    @staticmethod
-    def write(run_dir: str | Path, **values: float) -> None:
-        path = Path(run_dir) / "stats.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(values, indent=1))
+from blip3o.models.build import Encoders, build_blip3o, map_to_tokens
+from blip3o.models.heads import PixelDecoder
+from blip3o.models.parts import build_clip, build_vae
 
 
 class StageTask:
@@ -110,13 +73,26 @@ class ClipTask(StageTask):
         return {"loss": out.loss}
 
 
+class VAEAutoencoding(nn.Module):
+    """Training wrapper so that FSDP sees one ``forward``: encode, sample with given noise, decode."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.mean + posterior.std * noise).sample
+        return recon, posterior.kl().mean()
+
+
 class VAETask(StageTask):
     """AutoencoderKL: L1 + MSE reconstruction and a small KL term."""
 
     kl_weight = 1e-6
 
     def build_model(self) -> nn.Module:
-        return build_vae(self.cfg.vae)
+        return VAEAutoencoding(build_vae(self.cfg.vae))
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
@@ -124,64 +100,11 @@ class VAETask(StageTask):
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x = batch["pixels"]
-        posterior = model.encode(x).latent_dist
-        g = torch.Generator().manual_seed(batch["seed"])
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        recon = model.decode(z).sample
+        c, side, _ = self.cfg.latent_shape
+        noise = torch.randn((x.shape[0], c, side, side), generator=torch.Generator().manual_seed(batch["seed"]))
+        recon, kl = model(x, noise.to(x.device))
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        kl = posterior.kl().mean()
         return {"loss": rec + self.kl_weight * kl, "recon": rec.detach(), "kl": kl.detach()}
-
-
-def measure_scales(clip_vision: nn.Module, vae: nn.Module, images: torch.Tensor, pool: int) -> dict[str, float]:
-    """Scalars that bring CLIP maps and VAE latents to unit variance (like a VAE's scaling factor)."""
-    with torch.no_grad():
-        pixels = to_pixels(images[:256])
-        feats = clip_map(clip_vision, pixels, pool)
-        latents = vae.encode(pixels).latent_dist.mean
-    return {
-        "feature_scale": float(1.0 / feats.std()),
-        "latent_shift": float(latents.mean()),
-        "latent_scale": float(1.0 / latents.std()),
-    }
-
-
-class Encoders:
-    """The frozen encoders of the later stages: the mini-CLIP vision tower and the VAE, with their scales."""
-
-    def __init__(self, vision: nn.Module, vae: nn.Module, pool: int, scales: dict[str, float]) -> None:
-        self.vision, self.vae = vision.eval(), vae.eval()
-        for p in [*self.vision.parameters(), *self.vae.parameters()]:
-            p.requires_grad_(False)
-        self.pool, self.scales = pool, scales
-
-    @classmethod
-    def from_weights(
-        cls,
-        cfg: ModelConfig,
-        vocab_size: int,
-        clip_weights: str | Path,
-        vae_weights: str | Path,
-        scales: dict[str, float],
-    ) -> Encoders:
-        vision = load_weights(build_clip(cfg.vision, vocab_size), clip_weights).vision_model
-        return cls(vision, load_weights(build_vae(cfg.vae), vae_weights), cfg.vision.pool, scales)
-
-    @torch.no_grad()
-    def clip(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled CLIP map (B, D, g, g)."""
-        return clip_map(self.vision, pixels, self.pool) * self.scales["feature_scale"]
-
-    @torch.no_grad()
-    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled VAE latents (B, C, h, w)."""
-        z = self.vae.encode(pixels).latent_dist.mean
-        return (z - self.scales["latent_shift"]) * self.scales["latent_scale"]
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self.scales["latent_scale"] + self.scales["latent_shift"]
-        return self.vae.decode(z).sample
 
 
 def flow_step(
@@ -228,21 +151,6 @@ class DecoderTask(StageTask):
         return {"loss": flow_loss(v, target)}
 
 
-def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:
-    """A BLIP3o model from config around a (trained) vision tower."""
-    backbone = build_backbone(cfg.backbone, len(tokenizer))
-    width = backbone.config.hidden_size
-    channels, side, _ = cfg.target_shape
-    if cfg.generation.objective == "mse":
-        head: nn.Module = RegressionHead(width, channels, side)
-    else:
-        head = FlowHead(cfg.generation.dit, channels, side, width)
-    projector = Projector(cfg.vision.hidden_size, width)
-    return BLIP3o(
-        backbone, vision, projector, head, cfg.generation.num_queries, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    )
-
-
 DESCRIBE = "Describe the image."
 
 
@@ -256,7 +164,8 @@ class UnderstandingTask(StageTask):
         self.enc = encoders
 
     def build_model(self) -> nn.Module:
-        return build_blip3o(self.cfg, self.tokenizer, self.enc.vision)
+        # The model gets its own copy of the tower: the task's copy computes targets outside the (sharded) model.
+        return build_blip3o(self.cfg, self.tokenizer, copy.deepcopy(self.enc.vision))
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
@@ -325,7 +234,7 @@ class GenerationTask(StageTask):
         self.enc, self.init, self.joint_weight = encoders, init, joint_weight
 
     def build_model(self) -> nn.Module:
-        model = build_blip3o(self.cfg, self.tokenizer, self.enc.vision)
+        model = build_blip3o(self.cfg, self.tokenizer, copy.deepcopy(self.enc.vision))
         # The understanding stage's weights, without its (untrained) generation head, which may differ in kind.
         state = {k: v for k, v in load_file(str(self.init)).items() if not k.startswith(("head.", "queries"))}
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,0 +1,106 @@
+"""Building and loading models: weights from safetensors, the frozen encoders, the unified BLIP3o model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from blip3o.config.model import ModelConfig
+from blip3o.data.processing import to_pixels
+from blip3o.data.tokenizer import IMAGE_TOKEN
+from blip3o.models.heads import FlowHead, RegressionHead
+from blip3o.models.parts import Projector, build_backbone, build_clip, build_vae
+from blip3o.models.unified import BLIP3o
+
+
+def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> nn.Module:
+    """Load a safetensors file (optionally only keys under ``prefix``) strictly into ``module``."""
+    state = load_file(str(path))
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def clip_map(vision: nn.Module, pixels: torch.Tensor, pool: int) -> torch.Tensor:
+    """The pooled CLIP feature map (B, D, g, g) of images (B, 3, H, W) in [-1, 1]."""
+    tokens = vision(pixel_values=pixels).last_hidden_state  # (B, P, D)
+    b, p, d = tokens.shape
+    side = int(p**0.5)
+    grid = tokens.transpose(1, 2).reshape(b, d, side, side)
+    return F.avg_pool2d(grid, pool) if pool > 1 else grid
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, g, g) → (B, g·g, D), row-major."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def measure_scales(clip_vision: nn.Module, vae: nn.Module, images: torch.Tensor, pool: int) -> dict[str, float]:
+    """Scalars that bring CLIP maps and VAE latents to unit variance (like a VAE's scaling factor)."""
+    with torch.no_grad():
+        pixels = to_pixels(images[:256])
+        feats = clip_map(clip_vision, pixels, pool)
+        latents = vae.encode(pixels).latent_dist.mean
+    return {
+        "feature_scale": float(1.0 / feats.std()),
+        "latent_shift": float(latents.mean()),
+        "latent_scale": float(1.0 / latents.std()),
+    }
+
+
+class Encoders:
+    """The frozen encoders of the later stages: the mini-CLIP vision tower and the VAE, with their scales."""
+
+    def __init__(self, vision: nn.Module, vae: nn.Module, pool: int, scales: dict[str, float]) -> None:
+        self.vision, self.vae = vision.eval(), vae.eval()
+        for p in [*self.vision.parameters(), *self.vae.parameters()]:
+            p.requires_grad_(False)
+        self.pool, self.scales = pool, scales
+
+    @classmethod
+    def from_weights(
+        cls,
+        cfg: ModelConfig,
+        vocab_size: int,
+        clip_weights: str | Path,
+        vae_weights: str | Path,
+        scales: dict[str, float],
+    ) -> Encoders:
+        vision = load_weights(build_clip(cfg.vision, vocab_size), clip_weights).vision_model
+        return cls(vision, load_weights(build_vae(cfg.vae), vae_weights, prefix="vae."), cfg.vision.pool, scales)
+
+    @torch.no_grad()
+    def clip(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled CLIP map (B, D, g, g)."""
+        return clip_map(self.vision, pixels, self.pool) * self.scales["feature_scale"]
+
+    @torch.no_grad()
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents (B, C, h, w)."""
+        z = self.vae.encode(pixels).latent_dist.mean
+        return (z - self.scales["latent_shift"]) * self.scales["latent_scale"]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.scales["latent_scale"] + self.scales["latent_shift"]
+        return self.vae.decode(z).sample
+
+
+def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:
+    """A BLIP3o model from config around a (trained) vision tower."""
+    backbone = build_backbone(cfg.backbone, len(tokenizer))
+    width = backbone.config.hidden_size
+    channels, side, _ = cfg.target_shape
+    if cfg.generation.objective == "mse":
+        head: nn.Module = RegressionHead(width, channels, side)
+    else:
+        head = FlowHead(cfg.generation.dit, channels, side, width)
+    projector = Projector(cfg.vision.hidden_size, width)
+    return BLIP3o(
+        backbone, vision, projector, head, cfg.generation.num_queries, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    )
