@@ -54,9 +54,26 @@ def _world_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_run(path: str) -> bool:
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "world").is_dir()
+
+
 def _eval_geneval(args: argparse.Namespace) -> int:
     from blip3o.eval.geneval import GenEvalScorer, evaluate_folder, format_table, write_results
 
+    if _is_run(args.imagedir):  # a trained run: sample its world's held-out prompts, then score
+        from blip3o.config import RunConfig, load_yaml
+        from blip3o.eval.model_eval import geneval_run
+        from blip3o.infer.pipeline import BLIP3oPipeline
+
+        run = Path(args.imagedir)
+        cfg = apply_overrides(load_yaml(run / "config.yaml", RunConfig), args.overrides)
+        out = Path(args.out) if args.out else run / "eval" / "geneval"
+        summary = geneval_run(BLIP3oPipeline.from_run(run), run / "world", cfg.eval, out)
+        print(format_table(summary))
+        print(f"images and results: {out}")
+        print(json.dumps(summary))
+        return 0
     scorer = GenEvalScorer(threshold=args.threshold, counting_threshold=args.counting_threshold)
     results, summary = evaluate_folder(args.imagedir, scorer)
     out = Path(args.out) if args.out else Path(args.imagedir) / "geneval_results.jsonl"
@@ -64,6 +81,60 @@ def _eval_geneval(args: argparse.Namespace) -> int:
     print(format_table(summary))
     print(f"results: {out}\nsummary: {summary_path}")
     print(json.dumps(summary))
+    return 0
+
+
+def _eval_vqa(args: argparse.Namespace) -> int:
+    from blip3o.eval.model_eval import vqa_run
+    from blip3o.infer.pipeline import BLIP3oPipeline
+
+    summary = vqa_run(BLIP3oPipeline.from_run(args.run), Path(args.run) / "world", split=args.split, limit=args.limit)
+    for qtype, acc in summary["types"].items():
+        print(f"{qtype:<12}{acc:>8.4f}")
+    print(f"{'overall':<12}{summary['overall']:>8.4f}  ({summary['questions']} questions)")
+    print(json.dumps(summary))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from blip3o.train.recipe import run_recipe
+
+    cfg = resolve(args.preset, args.overrides)
+    summaries = run_recipe(cfg, args.out)
+    for stage, summary in summaries.items():
+        final = {k: round(v, 4) for k, v in (summary.get("final") or {}).items() if "loss" in k}
+        print(f"{stage:<14}{summary.get('steps')} steps  {final}")
+    print(f"run: {args.out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from blip3o.infer.pipeline import BLIP3oPipeline
+
+    pipe = BLIP3oPipeline.from_run(args.run)
+    images = pipe(
+        args.prompt,
+        num_images=args.n,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+        progress=True,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        image.save(out / f"{k:04d}.png")
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from blip3o.infer.pipeline import BLIP3oPipeline
+
+    pipe = BLIP3oPipeline.from_run(args.run)
+    print(pipe.chat(Image.open(args.image), args.prompt, max_new_tokens=args.max_new_tokens))
     return 0
 
 
@@ -145,8 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate images: GenEval rules, OCR")
     esub = ev.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
-    gen = esub.add_parser("geneval", help="score a GenEval-layout image folder (<index>/metadata.jsonl, samples/)")
-    gen.add_argument("imagedir", help="GenEval-layout image folder")
+    gen = esub.add_parser("geneval", help="GenEval scores of an image folder in GenEval's layout, or of a trained run")
+    gen.add_argument(
+        "imagedir",
+        help="a GenEval-layout image folder, or a run directory (its held-out prompts are "
+        "sampled into RUN/eval/geneval first)",
+    )
     gen.add_argument("--out", help="per-image results (JSON lines); default IMAGEDIR/geneval_results.jsonl")
     gen.add_argument("--threshold", type=float, default=0.5, help="minimum detection confidence (default 0.5)")
     gen.add_argument(
@@ -155,11 +230,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.6,
         help="minimum detection confidence for counting prompts (default 0.6)",
     )
+    _overrides(gen)
     gen.set_defaults(fn=_eval_geneval)
+    vqa = esub.add_parser("vqa", help="question-answering accuracy of a trained run, per question type")
+    vqa.add_argument("run", help="a run directory made by `blip3o train`")
+    vqa.add_argument("--split", default="heldout", choices=["heldout", "train"], help="world split (default heldout)")
+    vqa.add_argument("--limit", type=int, help="at most this many questions")
+    vqa.set_defaults(fn=_eval_vqa)
     ocr = esub.add_parser("ocr", help="OCR reward of a GenEval-layout folder whose prompts quote their text")
     ocr.add_argument("imagedir", help="image folder; each prompt holds its target text in double quotes")
     ocr.add_argument("--out", help="per-image results (JSON lines); default IMAGEDIR/ocr_results.jsonl")
     ocr.set_defaults(fn=_eval_ocr)
+
+    train = sub.add_parser("train", help="train a recipe (all its stages, skipping finished ones) into a run directory")
+    train.add_argument("preset", help=f"one of: {presets}")
+    train.add_argument("--out", required=True, help="run directory (reused: finished stages are skipped)")
+    _overrides(train)
+    train.set_defaults(fn=_train)
+
+    generate = sub.add_parser("generate", help="text → image with a trained run")
+    generate.add_argument("run", help="a run directory made by `blip3o train`")
+    generate.add_argument("--prompt", required=True, help="the prompt")
+    generate.add_argument("-n", type=int, default=4, help="images (default 4)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
+    generate.add_argument("--guidance-scale", type=float, help="CFG scale (default: the run's config)")
+    generate.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
+    generate.add_argument("--out", required=True, help="output directory")
+    generate.set_defaults(fn=_generate)
+
+    chat = sub.add_parser("chat", help="image → text: ask a trained run about an image")
+    chat.add_argument("run", help="a run directory made by `blip3o train`")
+    chat.add_argument("--image", required=True, help="image file")
+    chat.add_argument("--prompt", required=True, help="the question")
+    chat.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default 48)")
+    chat.set_defaults(fn=_chat)
 
     cfg = sub.add_parser("config", help="show presets and resolved configs")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -173,7 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`train PRESET --out RUN a.b=1`); argparse leaves those to us.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -17,12 +17,12 @@ from typing import Any
 
 from blip3o.config import RunConfig, dump_yaml, to_dict
 from blip3o.eval.geneval import GenEvalScorer, evaluate_folder, oracle_generator, write_layout, write_results
+from blip3o.eval.model_eval import load_prompts
 from blip3o.eval.ocr import OCRScorer, ocr_reward
 from blip3o.eval.selfcheck import self_check
 from blip3o.report import Report
-from blip3o.world.prompts import proportional
 from blip3o.world.shards import make_world, read_shards, shard_paths
-from blip3o.world.spec import TAG_COUNTS, TAGS
+from blip3o.world.spec import TAGS
 from blip3o.world.text import render_text
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,6 @@ def ensure_world(cfg: RunConfig, directory: Path, progress: bool = True) -> Path
         return directory
     make_world(cfg.world, directory, progress=progress)
     return directory
-
-
-def load_prompts(world: Path, n: int | None = None) -> list[dict[str, Any]]:
-    """The held-out GenEval-schema prompts of a world; given n, the first of each tag in GenEval's proportions."""
-    prompts = [json.loads(line) for line in (world / "prompts.jsonl").read_text().splitlines()]
-    if n is None or n >= len(prompts):
-        return prompts
-    counts = proportional(n, TAG_COUNTS)
-    return [p for tag in TAGS for p in [q for q in prompts if q["tag"] == tag][: counts[tag]]]
 
 
 def run_demo(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:

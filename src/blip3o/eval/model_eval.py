@@ -1,0 +1,76 @@
+"""Evaluating a trained run: GenEval on the world's held-out prompts, and question answering (VQA).
+
+Both take a pipeline (see :mod:`blip3o.infer.pipeline`) and return summaries; the GenEval path writes
+images in GenEval's layout first, so the folder can be re-scored or inspected.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from blip3o.config import EvalConfig
+from blip3o.eval.geneval import GenEvalScorer, evaluate_folder, write_layout, write_results
+from blip3o.world.shards import read_shards, shard_paths
+
+
+def load_prompts(world: Path, n: int | None = None) -> list[dict[str, Any]]:
+    """The held-out GenEval-schema prompts of a world; given n, the first of each tag in GenEval's proportions."""
+    from blip3o.world.prompts import proportional
+    from blip3o.world.spec import TAG_COUNTS, TAGS
+
+    prompts = [json.loads(line) for line in (world / "prompts.jsonl").read_text().splitlines()]
+    if n is None or n >= len(prompts):
+        return prompts
+    counts = proportional(n, TAG_COUNTS)
+    return [p for tag in TAGS for p in [q for q in prompts if q["tag"] == tag][: counts[tag]]]
+
+
+def geneval_run(pipe, world: Path, cfg: EvalConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Sample the held-out prompts (seed ``cfg.seed`` per prompt, images seed + k) and score them."""
+    prompts = load_prompts(world, cfg.n_prompts)
+    images_dir = out / "images"
+    cache: dict[str, list] = {}
+
+    def generate(record: dict[str, Any], k: int) -> list:
+        if record["index"] not in cache:  # sample cfg.batch_size prompts at a time
+            start = prompts.index(record)
+            chunk = prompts[start : start + max(1, cfg.batch_size // k)]
+            images = pipe([p["prompt"] for p in chunk], num_images=k, seed=[cfg.seed] * len(chunk))
+            for i, p in enumerate(chunk):
+                cache[p["index"]] = images[i * k : (i + 1) * k]
+        return cache.pop(record["index"])
+
+    write_layout(prompts, cfg.images_per_prompt, generate, images_dir, progress=progress)
+    results, summary = evaluate_folder(images_dir, GenEvalScorer(), progress=progress)
+    write_results(results, summary, out / "geneval_results.jsonl")
+    return summary
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def vqa_run(
+    pipe, world: Path, *, split: str = "heldout", batch_size: int = 32, limit: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Exact-match accuracy (case- and space-insensitive) per question type and overall on a split's scenes."""
+    items = []
+    for sample in read_shards(shard_paths(world, split)):
+        if sample["meta"]["kind"] != "scene":
+            continue
+        items.extend((sample["image"], qa) for qa in sample["meta"]["qa"])
+    items = items[:limit] if limit else items
+    correct: dict[str, list[bool]] = defaultdict(list)
+    for start in tqdm(range(0, len(items), batch_size), desc="vqa", disable=not progress, unit="batch"):
+        chunk = items[start : start + batch_size]
+        answers = pipe.chat([im for im, _ in chunk], [qa["question"] for _, qa in chunk])
+        for (_, qa), answer in zip(chunk, answers, strict=True):
+            correct[qa["type"]].append(normalise_answer(answer) == normalise_answer(qa["answer"]))
+    per_type = {t: sum(v) / len(v) for t, v in sorted(correct.items())}
+    total = [x for v in correct.values() for x in v]
+    return {"types": per_type, "overall": sum(total) / len(total) if total else 0.0, "questions": len(total)}
