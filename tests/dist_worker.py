@@ -40,16 +40,16 @@ class ToyMLP(nn.Module):
 
 
 class ToyTask:
-    """Fixed random data set (``y = tanh(x·w) + noise``); batch ``step`` is a seeded permutation prefix."""
+    """Fixed random data set (``y = tanh(x·w) + noise``); batch ``step`` is a seeded permutation prefix.
 
-    def __init__(self, cfg: TrainConfig, *, n: int = 256, dim: int = 6, crash_at: int | None = None) -> None:
-        self.batch_size, self.grad_accum, self.n, self.dim, self.crash_at = (
-            cfg.batch_size,
-            cfg.grad_accum,
-            n,
-            dim,
-            crash_at,
-        )
+    ``noise`` > 0 adds fresh target noise from the global torch RNG in every loss call.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, *, n: int = 256, dim: int = 6, crash_at: int | None = None, noise: float = 0.0
+    ) -> None:
+        self.batch_size, self.grad_accum, self.n, self.dim = cfg.batch_size, cfg.grad_accum, n, dim
+        self.crash_at, self.noise = crash_at, noise
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, dim, generator=g)
         w = torch.randn(dim, 1, generator=g)
@@ -66,8 +66,10 @@ class ToyTask:
         return {"x": self.x[idx], "y": self.y[idx]}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
-        pred = model(batch["x"]).float()
-        return {"loss": F.mse_loss(pred, batch["y"]), "mae": (pred - batch["y"]).abs().mean()}
+        pred, y = model(batch["x"]).float(), batch["y"]
+        if self.noise:  # target noise from the global (per-rank) RNG: resume must restore its state
+            y = y + self.noise * torch.randn_like(y)
+        return {"loss": F.mse_loss(pred, y), "mae": (pred - y).abs().mean()}
 
 
 def resume_config(**overrides: Any) -> TrainConfig:
@@ -79,8 +81,8 @@ def resume_config(**overrides: Any) -> TrainConfig:
         "log_every": 1,
         "ckpt_every": 4,
         "keep_checkpoints": 2,
-        "frozen": ["body.0"],
-        "fsdp_modules": ["body", "head"],
+        "frozen": ["body.0", "body2"],  # frozen inside a trained FSDP unit, and a wholly frozen unit
+        "fsdp_modules": ["body", "body2", "head"],
         "device": "cpu",
         "optim": OptimConfig(lr=1e-2, min_lr=1e-3, weight_decay=0.1, warmup_steps=2, grad_clip=0.5),
     }

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,6 +20,7 @@ from blip3o.config.io import dumps_yaml, from_dict, load_yaml, to_dict
 from blip3o.config.schema import ConfigError
 from blip3o.config.train import OptimConfig, TrainConfig
 from blip3o.train import (
+    build_optimizer,
     cleanup,
     export_model,
     init_distributed,
@@ -33,6 +36,7 @@ from blip3o.train import (
     train,
     trainable_parameters,
 )
+from blip3o.train.checkpoint import capture_rng, restore_rng
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import CRASH_AT, Crash, ToyMLP, ToyTask, resume_config
@@ -87,6 +91,22 @@ def test_lr_schedule() -> None:
     assert lr_at(4 + 9 // 2, optim, 14) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 9)))
     constant = OptimConfig(lr=1.0, warmup_steps=0, schedule="constant")
     assert {lr_at(s, constant, 10) for s in range(10)} == {1.0}
+
+
+def test_optimizer_decays_only_matrices() -> None:
+    model = ToyMLP()
+    set_trainable(model, frozen=["body2"])
+    groups = build_optimizer(model, OptimConfig(weight_decay=0.1)).param_groups
+    shapes = {g["weight_decay"]: sorted(tuple(p.shape) for p in g["params"]) for g in groups}
+    assert shapes == {0.1: [(1, 32), (32, 6), (32, 32)], 0.0: [(1,), (32,), (32,)]}
+
+
+def test_rng_states_round_trip_through_json() -> None:
+    state = json.loads(json.dumps(capture_rng()))
+    first = (torch.rand(3), random.random(), np.random.rand())
+    restore_rng(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
 
 
 def test_micro_batch_slices_partition_the_global_batch() -> None:
@@ -184,75 +204,85 @@ def test_grad_accum_gives_the_global_batch_mean(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.tensor(runs[4]), torch.tensor(runs[1]), rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted single-process reference run of :func:`resume_config`."""
-    run_dir = tmp_path_factory.mktemp("full")
-    cfg = resume_config()
-    train(ToyTask(cfg), cfg, run_dir, progress=False)
-    return run_dir
+def test_grad_clip_is_applied(tmp_path: Path) -> None:
+    # AdamW is nearly invariant to gradient scale, except through eps: clipping the norm to 1e-10
+    # (far below eps=1e-8) must shrink the update by orders of magnitude.
+    moved = {}
+    for clip in (0.0, 1e-10):
+        cfg = TrainConfig(
+            steps=1, batch_size=16, ckpt_every=0, device="cpu", optim=OptimConfig(lr=1e-2, grad_clip=clip)
+        )
+        task = ToyTask(cfg)
+        before = initial_state(cfg, task)
+        train(task, cfg, tmp_path / str(clip), progress=False)
+        after = load_file(tmp_path / str(clip) / "model.safetensors")
+        moved[clip] = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert moved[1e-10] < 1e-2 * moved[0.0], moved
 
 
-def test_resume_is_exact(full_run: Path, tmp_path: Path) -> None:
+def test_resume_is_exact(tmp_path: Path) -> None:
     cfg = resume_config()
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train(ToyTask(cfg, noise=0.1), cfg, full, progress=False)
     with pytest.raises(Crash):
-        train(ToyTask(cfg, crash_at=CRASH_AT), cfg, tmp_path, progress=False)
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [4]
-    assert list(losses(tmp_path)) == list(range(1, CRASH_AT + 1))  # steps 5, 6 ran but were not saved
+        train(ToyTask(cfg, noise=0.1, crash_at=CRASH_AT), cfg, crashed, progress=False)
+    assert [step for step, _ in list_checkpoints(crashed)] == [4]
+    assert list(losses(crashed)) == list(range(1, CRASH_AT + 1))  # steps 5, 6 ran but were not saved
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        train(ToyTask(cfg), cfg, tmp_path, progress=False)
+        train(ToyTask(cfg), cfg, crashed, progress=False)
 
-    summary = train(ToyTask(cfg), cfg, tmp_path, resume=True, progress=False)
+    summary = train(ToyTask(cfg, noise=0.1), cfg, crashed, resume=True, progress=False)
     assert summary["resumed_from"] == 4
-    reference, resumed = losses(full_run), losses(tmp_path)
-    assert list(resumed) == list(range(1, 11))  # the lines past the checkpoint were replaced, not duplicated
+    # The lines the crashed session wrote past its checkpoint were replaced, not duplicated.
+    assert [record["step"] for record in iter_metrics(crashed)] == list(range(1, 11))
     for key in ("loss", "mae", "grad_norm", "lr"):
         torch.testing.assert_close(
-            torch.tensor(list(losses(tmp_path, key).values()), dtype=torch.float64),
-            torch.tensor(list(losses(full_run, key).values()), dtype=torch.float64),
+            torch.tensor(list(losses(crashed, key).values()), dtype=torch.float64),
+            torch.tensor(list(losses(full, key).values()), dtype=torch.float64),
             rtol=0,
             atol=0,
             msg=key,
         )
-    assert resumed == reference
-    a, b = load_file(full_run / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    a, b = load_file(full / "model.safetensors"), load_file(crashed / "model.safetensors")
     assert all(torch.equal(a[key], b[key]) for key in a)
-    assert [step for step, _ in list_checkpoints(full_run)] == [8, 10]  # keep_checkpoints=2 pruned step 4
+    assert [step for step, _ in list_checkpoints(full)] == [8, 10]  # keep_checkpoints=2 pruned step 4
 
     class MustNotBuild(ToyTask):
         def build_model(self) -> nn.Module:
             raise AssertionError("a finished run must not be rebuilt")
 
-    again = train(MustNotBuild(cfg), cfg, tmp_path, resume=True, progress=False)
-    assert again == json.loads((tmp_path / "summary.json").read_text())
+    again = train(MustNotBuild(cfg), cfg, crashed, resume=True, progress=False)
+    assert again == json.loads((crashed / "summary.json").read_text())
 
 
-def test_two_cpu_ranks_match_single_process(full_run: Path, tmp_path: Path) -> None:
+def test_two_cpu_ranks_match_single_process(tmp_path: Path) -> None:
+    cfg, single, ranks = resume_config(), tmp_path / "single", tmp_path / "ranks"
+    train(ToyTask(cfg), cfg, single, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
     proc = subprocess.run(
-        [*cmd, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
+        [*cmd, str(ranks)], env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for run in ("full", "crash"):
-        summary = json.loads((tmp_path / run / "summary.json").read_text())
-        assert summary["world_size"] == 2
+        assert json.loads((ranks / run / "summary.json").read_text())["world_size"] == 2
         for key in ("loss", "grad_norm"):  # a sum over ranks instead of a mean would double the norm
-            got, want = losses(tmp_path / run, key), losses(full_run, key)
+            got, want = losses(ranks / run, key), losses(single, key)
             assert list(got) == list(want)
             torch.testing.assert_close(
                 torch.tensor(list(got.values())), torch.tensor(list(want.values())), rtol=1e-4, atol=1e-6
             )
     # Resume on 2 ranks from the sharded checkpoint (one .distcp file per rank) is exact.
-    assert losses(tmp_path / "crash") == losses(tmp_path / "full")
-    assert json.loads((tmp_path / "crash" / "summary.json").read_text())["resumed_from"] == 4
-    shards = sorted(p.name for p in (tmp_path / "full" / "checkpoints" / "step-000010").glob("*.distcp"))
+    assert losses(ranks / "crash") == losses(ranks / "full")
+    assert json.loads((ranks / "crash" / "summary.json").read_text())["resumed_from"] == 4
+    shards = sorted(p.name for p in (ranks / "full" / "checkpoints" / "step-000010").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
-    a, b = load_file(full_run / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
+    a, b = load_file(single / "model.safetensors"), load_file(ranks / "full" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
-    frozen = initial_state(resume_config(), ToyTask(resume_config()))["body.0.weight"]
-    assert torch.equal(b["body.0.weight"], frozen)
+    initial = initial_state(cfg, ToyTask(cfg))
+    for key in ("body.0.weight", "body.0.bias", "body2.weight", "body2.bias"):
+        assert torch.equal(b[key], initial[key]), key
 
 
 # ---------------------------------------------------------------- checkpoints and export

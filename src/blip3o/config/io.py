@@ -285,6 +285,7 @@ def dump_yaml(cfg: Any, path: str | os.PathLike[str]) -> Path:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a config is meant to be read by anyone
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from blip3o.config import RunConfig, dump_yaml
 from blip3o.config.recipe import STAGES
@@ -26,7 +29,8 @@ from blip3o.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_toke
 from blip3o.data.world_data import load_split
 from blip3o.infer.pipeline import MODEL_FILE, require
 from blip3o.models.build import Encoders, measure_scales
-from blip3o.train.tasks import ClipTask, DecoderTask, GenerationTask, UnderstandingTask, VAETask
+from blip3o.train.distributed import init_distributed
+from blip3o.train.tasks import ClipTask, DecoderTask, GenerationTask, StageTask, UnderstandingTask, VAETask
 from blip3o.train.trainer import train
 from blip3o.world.corpus import world_texts
 
@@ -61,31 +65,42 @@ def encoders(cfg: RunConfig, out: Path) -> Encoders:
     return Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, json.loads(scales_path.read_text()))
 
 
-def make_task(stage: str, cfg: RunConfig, out: Path):
-    world, tok = out / "world", out / "tokenizer"
+def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
+    """The task of one stage, wired to the run directory's world, tokenizer and earlier stages."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
     tcfg = cfg.recipe.stage(stage)
-    common = (cfg.model, world, tok, tcfg.batch_size, tcfg.seed)
-    if stage == "clip":
-        return ClipTask(*common)
-    if stage == "vae":
-        return VAETask(*common)
+    common = (cfg.model, out / "world", out / "tokenizer", tcfg.batch_size, tcfg.seed)
+    kwargs = {"grad_accum": tcfg.grad_accum}
+    if stage in ("clip", "vae"):
+        return (ClipTask if stage == "clip" else VAETask)(*common, **kwargs)
+    kwargs["encoders"] = encoders(cfg, out)
     if stage == "decoder":
-        return DecoderTask(*common, encoders(cfg, out))
+        return DecoderTask(*common, **kwargs)
     if stage == "understanding":
-        return UnderstandingTask(*common, encoders(cfg, out))
-    if stage == "generation":
-        init = require(out / "understanding" / MODEL_FILE, "understanding")
-        weight = cfg.recipe.joint_weight if cfg.recipe.training == "joint" else 0.0
-        return GenerationTask(*common, encoders(cfg, out), init, joint_weight=weight)
-    raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+        return UnderstandingTask(*common, **kwargs)
+    weight = cfg.recipe.joint_weight if cfg.recipe.training == "joint" else 0.0
+    init = require(out / "understanding" / MODEL_FILE, "understanding")
+    return GenerationTask(*common, **kwargs, init=init, joint_weight=weight)
 
 
 def run_recipe(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run the recipe's stages in order into ``out``; returns each stage's summary."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, out / "config.yaml")
-    prepare(cfg, out, progress)
+    multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if multi_rank:  # under torchrun: rank 0 makes the world, tokenizer and scales; the others wait
+        init_distributed(cfg.recipe.stage(cfg.recipe.stages[0]).device)
+    if not multi_rank or dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.yaml")
+        prepare(cfg, out, progress)
+        if (
+            any(s in cfg.recipe.stages for s in ("decoder", "understanding", "generation"))
+            and (out / "vae" / MODEL_FILE).is_file()
+        ):
+            encoders(cfg, out)
+    if multi_rank:
+        dist.barrier()
     summaries = {}
     for stage in cfg.recipe.stages:
         log.info("stage %s", stage)

@@ -33,7 +33,7 @@ from blip3o.models.parts import build_clip, build_vae
 
 
 class StageTask:
-    """Shared plumbing: world data, tokenizer, batch size, seeds."""
+    """Shared plumbing: world data, tokenizer, batch size and accumulation, seeds, frozen encoders."""
 
     def __init__(
         self,
@@ -42,13 +42,18 @@ class StageTask:
         tokenizer: str | Path,
         batch_size: int,
         seed: int,
+        encoders: Encoders | None = None,
+        grad_accum: int = 1,
     ) -> None:
-        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.cfg, self.batch_size, self.seed, self.enc, self.grad_accum = cfg, batch_size, seed, encoders, grad_accum
         self.data: WorldSplit = load_split(world, "train")
         self.tokenizer = load_tokenizer(tokenizer)
 
     def indices(self, step: int, micro: int, rank: int, world_size: int) -> list[int]:
-        return batch_indices(len(self.data), self.batch_size, step, self.seed, rank, world_size)
+        """Micro-batch ``micro`` of this rank's share of global batch ``step``."""
+        share = batch_indices(len(self.data), self.batch_size, step, self.seed, rank, world_size)
+        size = len(share) // self.grad_accum
+        return share[micro * size : (micro + 1) * size]
 
     def generator(self, step: int, micro: int, rank: int) -> int:
         """A seed for this micro-batch's noise, so that a resumed run draws the same noise."""
@@ -125,12 +130,6 @@ def flow_step(
 class DecoderTask(StageTask):
     """Pixel decoder: SANA flow matching over VAE latents, conditioned on CLIP maps (dropped with p)."""
 
-    def __init__(
-        self, cfg: ModelConfig, world: str | Path, tokenizer: str | Path, batch_size: int, seed: int, encoders: Encoders
-    ) -> None:
-        super().__init__(cfg, world, tokenizer, batch_size, seed)
-        self.enc = encoders
-
     def build_model(self) -> nn.Module:
         c, side, _ = self.cfg.latent_shape
         return PixelDecoder(self.cfg.decoder.dit, c, side, self.cfg.vision.hidden_size)
@@ -156,12 +155,6 @@ DESCRIBE = "Describe the image."
 
 class UnderstandingTask(StageTask):
     """Image → text: captions ("Describe the image.") and question/answer pairs, CE on the answers."""
-
-    def __init__(
-        self, cfg: ModelConfig, world: str | Path, tokenizer: str | Path, batch_size: int, seed: int, encoders: Encoders
-    ) -> None:
-        super().__init__(cfg, world, tokenizer, batch_size, seed)
-        self.enc = encoders
 
     def build_model(self) -> nn.Module:
         # The model gets its own copy of the tower: the task's copy computes targets outside the (sharded) model.
@@ -219,19 +212,9 @@ class GenerationTask(StageTask):
     backbone frozen (sequential training) it must be 0.
     """
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        world: str | Path,
-        tokenizer: str | Path,
-        batch_size: int,
-        seed: int,
-        encoders: Encoders,
-        init: str | Path,
-        joint_weight: float = 0.0,
-    ) -> None:
-        super().__init__(cfg, world, tokenizer, batch_size, seed)
-        self.enc, self.init, self.joint_weight = encoders, init, joint_weight
+    def __init__(self, *args: Any, init: str | Path, joint_weight: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.init, self.joint_weight = init, joint_weight
 
     def build_model(self) -> nn.Module:
         model = build_blip3o(self.cfg, self.tokenizer, copy.deepcopy(self.enc.vision))

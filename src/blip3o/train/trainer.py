@@ -259,7 +259,7 @@ def _train(
                 "resuming a %s-rank checkpoint on %d ranks: not bit-exact", state.get("world_size"), info.world_size
             )
         if info.is_main:
-            pass
+            _truncate_metrics(metrics_path, start)
         logger.info("resumed %s from step %d", run_dir, start)
     elif info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
