@@ -76,3 +76,17 @@ def test_cli_verbs_on_a_run(tiny_run, tmp_path, capsys):
 def test_train_cli_rejects_mismatched_sizes(tmp_path, capsys):
     assert main(["train", "tiny-debug", "--out", str(tmp_path), "world.size=48"]) == 2
     assert "model.vision.image_size" in capsys.readouterr().err
+
+
+def test_study_trains_every_variant_and_writes_the_report(tmp_path):
+    from blip3o.train.study import run_study
+
+    results = run_study(resolve("tiny-debug", ["eval.n_prompts=6"]), tmp_path, progress=False, n_diversity=3, k=2,
+                        vqa_limit=8)
+    assert set(results) == {"clip-flow", "clip-mse", "latent-flow", "clip-flow-joint"}
+    for r in results.values():
+        assert 0 <= r["geneval"]["overall"] <= 1 and r["diversity"] >= 0 and r["steps"] == 4
+    # sequential variants keep the understanding answers; the joint one trains the backbone
+    assert results["clip-flow"]["vqa_before"] == results["clip-flow"]["vqa_after"]
+    table = (tmp_path / "study.md").read_text()
+    assert table.count("\n") == 2 + 4 and (tmp_path / "study.png").is_file()

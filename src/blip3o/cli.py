@@ -108,6 +108,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from blip3o.train.study import run_study
+
+    results = run_study(resolve(args.preset, args.overrides), args.out)
+    print((Path(args.out) / "study.md").read_text())
+    print(
+        json.dumps({k: {"overall": v["geneval"]["overall"], "diversity": v["diversity"]} for k, v in results.items()})
+    )
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from blip3o.infer.pipeline import BLIP3oPipeline
 
@@ -247,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory (reused: finished stages are skipped)")
     _overrides(train)
     train.set_defaults(fn=_train)
+
+    study = sub.add_parser("study", help="the paper's study: CLIP+FM vs CLIP+MSE vs VAE+FM, sequential vs joint")
+    study.add_argument("--preset", default="shapes-blip3o", help="base recipe (default shapes-blip3o)")
+    study.add_argument("--out", required=True, help="study directory (shared stages, one directory per variant)")
+    _overrides(study)
+    study.set_defaults(fn=_study)
 
     generate = sub.add_parser("generate", help="text → image with a trained run")
     generate.add_argument("run", help="a run directory made by `blip3o train`")

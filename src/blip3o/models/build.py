@@ -17,12 +17,18 @@ from blip3o.models.parts import Projector, build_backbone, build_clip, build_vae
 from blip3o.models.unified import BLIP3o
 
 
-def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> nn.Module:
-    """Load a safetensors file (optionally only keys under ``prefix``) strictly into ``module``."""
+def load_weights(module: nn.Module, path: str | Path, prefix: str = "", skip: tuple[str, ...] = ()) -> nn.Module:
+    """Load a safetensors file strictly into ``module``: only keys under ``prefix`` (stripped), and
+    neither loading nor requiring keys that start with one of ``skip``."""
     state = load_file(str(path))
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    module.load_state_dict(state, strict=True)
+    if skip:
+        state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    stray = [k for k in missing if not k.startswith(skip)] if skip else missing
+    if unexpected or stray:
+        raise ValueError(f"{path} does not match the model: unexpected keys {unexpected[:5]}, missing {stray[:5]}")
     return module
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from blip3o.config.model import ModelConfig
@@ -27,7 +26,7 @@ from blip3o.data.processing import generation_inputs, to_pixels, understanding_i
 from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
-from blip3o.models.build import Encoders, build_blip3o, map_to_tokens
+from blip3o.models.build import Encoders, build_blip3o, load_weights, map_to_tokens
 from blip3o.models.heads import PixelDecoder
 from blip3o.models.parts import build_clip, build_vae
 
@@ -219,11 +218,7 @@ class GenerationTask(StageTask):
     def build_model(self) -> nn.Module:
         model = build_blip3o(self.cfg, self.tokenizer, copy.deepcopy(self.enc.vision))
         # The understanding stage's weights, without its (untrained) generation head, which may differ in kind.
-        state = {k: v for k, v in load_file(str(self.init)).items() if not k.startswith(("head.", "queries"))}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        stray = [k for k in missing if not k.startswith(("head.", "queries"))]
-        if unexpected or stray:
-            raise ValueError(f"{self.init} does not match the model: unexpected {unexpected[:5]}, missing {stray[:5]}")
+        load_weights(model, self.init, skip=("head.", "queries"))
         return model
 
     def target(self, pixels: torch.Tensor) -> torch.Tensor:
