@@ -140,3 +140,13 @@ def test_chat_returns_text(tokenizer):
         [Image.new("RGB", (64, 64))] * 2, ["What colour is the circle?", "Describe the image."], max_new_tokens=4
     )
     assert len(answers) == 2
+
+
+def test_mini_clip_starts_from_siglips_initialisation():
+    import math
+
+    from blip3o.config.model import VisionConfig
+
+    clip = build_clip(VisionConfig(), 300)
+    assert clip.logit_scale.item() == pytest.approx(math.log(10.0))
+    assert clip.logit_bias.item() == pytest.approx(-10.0)

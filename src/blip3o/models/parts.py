@@ -7,6 +7,7 @@ pretrained part share every line of code. Nothing here downloads: a ``pretrained
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -64,7 +65,11 @@ def build_clip(cfg: VisionConfig, vocab_size: int) -> SiglipModel:
         "bos_token_id": None,
         "eos_token_id": None,
     }
-    return SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
+    model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
+    with torch.no_grad():  # SigLIP's initialisation (Zhai et al. 2023); the library leaves both at 0
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    return model
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:
