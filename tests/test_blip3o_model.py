@@ -11,7 +11,7 @@ from blip3o.config.model import GenerationConfig, ModelConfig
 from blip3o.data.processing import generation_inputs, understanding_inputs
 from blip3o.data.tokenizer import train_bpe_tokenizer
 from blip3o.infer.pipeline import BLIP3oPipeline
-from blip3o.models.build import Encoders, build_blip3o
+from blip3o.models.build import Encoders, build_blip3o, unit_scales
 from blip3o.models.heads import FlowHead, PixelDecoder, RegressionHead
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import positions_from_mask
@@ -39,12 +39,7 @@ def _pipeline(tokenizer, generation: GenerationConfig) -> BLIP3oPipeline:
     torch.manual_seed(0)
     cfg = ModelConfig(generation=generation)
     clip = build_clip(cfg.vision, len(tokenizer))
-    enc = Encoders(
-        clip.vision_model,
-        build_vae(cfg.vae),
-        cfg.vision.pool,
-        {"feature_scale": 1.0, "latent_shift": 0.0, "latent_scale": 1.0},
-    )
+    enc = Encoders(clip.vision_model, build_vae(cfg.vae), cfg.vision.pool, unit_scales(cfg))
     model = build_blip3o(cfg, tokenizer, enc.vision)
     c, side, _ = cfg.latent_shape
     decoder = PixelDecoder(cfg.decoder.dit, c, side, cfg.vision.hidden_size) if generation.target == "clip" else None

@@ -29,8 +29,9 @@ def test_every_stage_ran_and_wrote_its_artifacts(tiny_run):
         assert summary["steps"] == 4
         for name in ("model.safetensors", "metrics.jsonl", "curves.png", "config.yaml"):
             assert (tiny_run / stage / name).is_file(), (stage, name)
-    scales = json.loads((tiny_run / "scales.json").read_text())
-    assert all(v > 0 for k, v in scales.items() if k != "latent_shift")
+    scales = load_file(str(tiny_run / "scales.safetensors"))
+    assert scales["feature_mean"].shape == (64, 4, 4) and bool((scales["feature_std"] > 0).all())
+    assert scales["latent_mean"].shape == (4, 1, 1) and bool((scales["latent_std"] > 0).all())
 
 
 def test_sequential_training_leaves_backbone_and_answers_bit_identical(tiny_run):
@@ -56,12 +57,40 @@ def test_rerun_skips_finished_stages(tiny_run):
 
 
 def test_cli_verbs_on_a_run(tiny_run, tmp_path, capsys):
-    assert main(["generate", str(tiny_run), "--prompt", "a photo of two stars", "-n", "2", "--steps", "2",
-                 "--out", str(tmp_path / "gen")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tiny_run),
+                "--prompt",
+                "a photo of two stars",
+                "-n",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "gen"),
+            ]
+        )
+        == 0
+    )
     images = sorted((tmp_path / "gen").glob("*.png"))
     assert len(images) == 2 and Image.open(images[0]).size == (32, 32)
-    assert main(["chat", str(tiny_run), "--image", str(images[0]), "--prompt", "What colour is the star?",
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                str(tiny_run),
+                "--image",
+                str(images[0]),
+                "--prompt",
+                "What colour is the star?",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", "geneval", str(tiny_run), "eval.n_prompts=6", "eval.images_per_prompt=2"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -81,8 +110,9 @@ def test_train_cli_rejects_mismatched_sizes(tmp_path, capsys):
 def test_study_trains_every_variant_and_writes_the_report(tmp_path):
     from blip3o.train.study import run_study
 
-    results = run_study(resolve("tiny-debug", ["eval.n_prompts=6"]), tmp_path, progress=False, n_diversity=3, k=2,
-                        vqa_limit=8)
+    results = run_study(
+        resolve("tiny-debug", ["eval.n_prompts=6"]), tmp_path, progress=False, n_diversity=3, k=2, vqa_limit=8
+    )
     assert set(results) == {"clip-flow", "clip-mse", "latent-flow", "clip-flow-joint"}
     for r in results.values():
         assert 0 <= r["geneval"]["overall"] <= 1 and r["diversity"] >= 0 and r["steps"] == 4

@@ -10,12 +10,12 @@ as the prompts one at a time.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from blip3o.config import RunConfig, load_yaml
@@ -28,6 +28,7 @@ from blip3o.models.heads import PixelDecoder
 from blip3o.models.unified import BLIP3o
 
 MODEL_FILE = "model.safetensors"
+SCALES_FILE = "scales.safetensors"
 
 
 def require(path: Path, stage: str) -> Path:
@@ -71,7 +72,7 @@ class BLIP3oPipeline:
         run = Path(run)
         cfg = load_yaml(require(run / "config.yaml", "any"), RunConfig).model
         tokenizer = load_tokenizer(run / "tokenizer")
-        scales = json.loads(require(run / "scales.json", "clip and vae").read_text())
+        scales = load_file(str(require(run / SCALES_FILE, "clip and vae")))
         enc = Encoders.from_weights(cfg, len(tokenizer), require(run / "clip" / MODEL_FILE, "clip"),
                                     require(run / "vae" / MODEL_FILE, "vae"), scales)
         model = build_blip3o(cfg, tokenizer, enc.vision)

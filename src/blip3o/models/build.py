@@ -46,23 +46,30 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
-def measure_scales(clip_vision: nn.Module, vae: nn.Module, images: torch.Tensor, pool: int) -> dict[str, float]:
-    """Scalars that bring CLIP maps and VAE latents to unit variance (like a VAE's scaling factor)."""
+def measure_scales(clip_vision: nn.Module, vae: nn.Module, images: torch.Tensor, pool: int) -> dict[str, torch.Tensor]:
+    """Statistics that standardise generation targets, like a VAE's scaling factor but per element.
+
+    CLIP maps: mean and std per (channel, position) over images, since positional embeddings give
+    every position a large constant part that carries no information about the image. VAE latents:
+    mean and std per channel.
+    """
     with torch.no_grad():
-        pixels = to_pixels(images[:256])
-        feats = clip_map(clip_vision, pixels, pool)
-        latents = vae.encode(pixels).latent_dist.mean
+        pixels = to_pixels(images[:512])
+        feats = clip_map(clip_vision, pixels, pool)  # (N, D, g, g)
+        latents = vae.encode(pixels).latent_dist.mean  # (N, C, h, w)
     return {
-        "feature_scale": float(1.0 / feats.std()),
-        "latent_shift": float(latents.mean()),
-        "latent_scale": float(1.0 / latents.std()),
+        "feature_mean": feats.mean(0),
+        "feature_std": feats.std(0).clamp_min(1e-3),
+        "latent_mean": latents.mean((0, 2, 3))[:, None, None],
+        "latent_std": latents.std((0, 2, 3))[:, None, None].clamp_min(1e-3),
     }
 
 
 class Encoders:
-    """The frozen encoders of the later stages: the mini-CLIP vision tower and the VAE, with their scales."""
+    """The frozen encoders of the later stages: the mini-CLIP vision tower and the VAE, with the statistics
+    (:func:`measure_scales`) that standardise their outputs as generation targets."""
 
-    def __init__(self, vision: nn.Module, vae: nn.Module, pool: int, scales: dict[str, float]) -> None:
+    def __init__(self, vision: nn.Module, vae: nn.Module, pool: int, scales: dict[str, torch.Tensor]) -> None:
         self.vision, self.vae = vision.eval(), vae.eval()
         for p in [*self.vision.parameters(), *self.vae.parameters()]:
             p.requires_grad_(False)
@@ -75,26 +82,38 @@ class Encoders:
         vocab_size: int,
         clip_weights: str | Path,
         vae_weights: str | Path,
-        scales: dict[str, float],
+        scales: dict[str, torch.Tensor],
     ) -> Encoders:
         vision = load_weights(build_clip(cfg.vision, vocab_size), clip_weights).vision_model
         return cls(vision, load_weights(build_vae(cfg.vae), vae_weights, prefix="vae."), cfg.vision.pool, scales)
 
     @torch.no_grad()
     def clip(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled CLIP map (B, D, g, g)."""
-        return clip_map(self.vision, pixels, self.pool) * self.scales["feature_scale"]
+        """Standardised CLIP map (B, D, g, g)."""
+        return (clip_map(self.vision, pixels, self.pool) - self.scales["feature_mean"]) / self.scales["feature_std"]
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled VAE latents (B, C, h, w)."""
+        """Standardised VAE latents (B, C, h, w)."""
         z = self.vae.encode(pixels).latent_dist.mean
-        return (z - self.scales["latent_shift"]) * self.scales["latent_scale"]
+        return (z - self.scales["latent_mean"]) / self.scales["latent_std"]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self.scales["latent_scale"] + self.scales["latent_shift"]
-        return self.vae.decode(z).sample
+        """Standardised latents → pixels in [-1, 1]."""
+        return self.vae.decode(latents * self.scales["latent_std"] + self.scales["latent_mean"]).sample
+
+
+def unit_scales(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Identity statistics (for tests and for measuring the real ones)."""
+    d, g, _ = cfg.vision.hidden_size, cfg.vision.target_grid, None
+    c = cfg.vae.latent_channels
+    return {
+        "feature_mean": torch.zeros(d, g, g),
+        "feature_std": torch.ones(d, g, g),
+        "latent_mean": torch.zeros(c, 1, 1),
+        "latent_std": torch.ones(c, 1, 1),
+    }
 
 
 def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:

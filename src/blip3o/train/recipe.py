@@ -7,7 +7,7 @@ Run directory::
     tokenizer/       the BPE tokenizer trained on the world's text
     clip/ vae/ decoder/ understanding/ generation/   one trainer run per stage (metrics, curves, checkpoints,
                      model.safetensors, summary.json)
-    scales.json      feature and latent scales measured after the clip and vae stages
+    scales.safetensors  statistics that standardise CLIP maps and VAE latents, measured after clip and vae
 
 Stages already finished in the directory are skipped; an interrupted stage resumes from its last
 checkpoint.
@@ -15,20 +15,20 @@ checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from blip3o.config import RunConfig, dump_yaml
 from blip3o.config.recipe import STAGES
 from blip3o.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 from blip3o.data.world_data import load_split
-from blip3o.infer.pipeline import MODEL_FILE, require
-from blip3o.models.build import Encoders, measure_scales
+from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, require
+from blip3o.models.build import Encoders, measure_scales, unit_scales
 from blip3o.train.distributed import init_distributed
 from blip3o.train.tasks import ClipTask, DecoderTask, GenerationTask, StageTask, UnderstandingTask, VAETask
 from blip3o.train.trainer import train
@@ -55,14 +55,15 @@ def prepare(cfg: RunConfig, out: Path, progress: bool = True) -> tuple[Path, Pat
 def encoders(cfg: RunConfig, out: Path) -> Encoders:
     """The frozen mini-CLIP vision tower and VAE of a run, with their scales (measured once, then read)."""
     vocab = len(load_tokenizer(out / "tokenizer"))
-    scales_path = out / "scales.json"
+    scales_path = out / SCALES_FILE
     clip_w, vae_w = require(out / "clip" / MODEL_FILE, "clip"), require(out / "vae" / MODEL_FILE, "vae")
     if not scales_path.is_file():
-        unit = {"feature_scale": 1.0, "latent_shift": 0.0, "latent_scale": 1.0}
-        raw = Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, unit)
+        raw = Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, unit_scales(cfg.model))
         scales = measure_scales(raw.vision, raw.vae, load_split(out / "world", "train").images, cfg.model.vision.pool)
-        scales_path.write_text(json.dumps(scales, indent=1))
-    return Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, json.loads(scales_path.read_text()))
+        tmp = scales_path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
+        os.replace(tmp, scales_path)
+    return Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, load_file(str(scales_path)))
 
 
 def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:

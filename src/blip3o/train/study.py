@@ -27,7 +27,7 @@ from blip3o.infer.pipeline import MODEL_FILE, BLIP3oPipeline
 from blip3o.models.build import load_weights
 from blip3o.train.recipe import run_recipe
 
-SHARED = ("world", "tokenizer", "clip", "vae", "decoder", "understanding", "scales.json")
+SHARED = ("world", "tokenizer", "clip", "vae", "decoder", "understanding", "scales.safetensors")
 
 
 def variants(base: RunConfig) -> dict[str, RunConfig]:
