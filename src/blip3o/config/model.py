@@ -84,10 +84,10 @@ class VAEConfig:
     """The latent autoencoder (a `diffusers` AutoencoderKL)."""
 
     pretrained: str | None = None
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
     latent_channels: int = 4
     layers_per_block: int = 1
-    norm_groups: int = 16
+    norm_groups: int = 8
 
     def __post_init__(self) -> None:
         check_int("vae.latent_channels", self.latent_channels, ge=1)

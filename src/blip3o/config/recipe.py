@@ -39,8 +39,8 @@ class RecipeConfig:
     """Weight of the understanding loss mixed into joint generation training."""
     vocab_size: int = 1024
     """Size of the BPE tokenizer trained on the world's text."""
-    clip: TrainConfig = field(default_factory=lambda: _stage(400, 32, 1e-3))
-    vae: TrainConfig = field(default_factory=lambda: _stage(400, 16, 1e-3))
+    clip: TrainConfig = field(default_factory=lambda: _stage(600, 32, 1e-3))
+    vae: TrainConfig = field(default_factory=lambda: _stage(1000, 16, 2e-3))
     decoder: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3))
     understanding: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["backbone", "projector"]))
     generation: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["queries", "head"]))
