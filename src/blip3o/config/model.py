@@ -27,6 +27,9 @@ class BackboneConfig:
 
     pretrained: str | None = None
     """A hub name or local path to load (then the widths below are ignored); None builds from this config."""
+    kind: Literal["qwen3", "qwen2"] = "qwen3"
+    """Decoder family: Qwen3, or Qwen2 (the text decoder of Qwen2.5-VL, BLIP3-o's official backbone)."""
+    tie_embeddings: bool = True
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -108,7 +111,11 @@ class DiTConfig:
     num_layers: int = 2
     num_heads: int = 4
     mlp_ratio: float = 2.5
-    """SANA's MLP ratio (Lumina sizes its FFN from ``multiple_of``)."""
+    """SANA's MLP ratio."""
+    multiple_of: int = 16
+    """Lumina-Next FFN width rounding; its FFN is ``ffn_multiplier · 8/3 · hidden`` rounded up to this."""
+    ffn_multiplier: float | None = None
+    """1.5 gives BLIP3-o's 4 × hidden FFN (7168 at width 1792)."""
 
     def __post_init__(self) -> None:
         check_int("dit.num_layers", self.num_layers, ge=1)

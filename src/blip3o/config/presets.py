@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from blip3o.config.io import apply_overrides
+from blip3o.config.model import BackboneConfig, DiTConfig, VisionConfig
 from blip3o.config.recipe import STAGES
 from blip3o.config.schema import ConfigError, RunConfig
 
@@ -75,6 +76,69 @@ def shapes_blip3o_joint() -> RunConfig:
     return replace(base, name="shapes-blip3o-joint", recipe=replace(base.recipe, training="joint", generation=gen))
 
 
+def _full_size(name: str, backbone: BackboneConfig) -> RunConfig:
+    """Official BLIP3-o shapes: 64 queries; a 24-layer, 1792-wide, 28-head Lumina-Next DiT over the pooled
+    8×8×1792 CLIP map of 448 px images (EVA-CLIP-E-14-plus widths, patch 14 → 32×32 → pool 4)."""
+    base = shapes_blip3o()
+    vision = VisionConfig(
+        image_size=448,
+        patch_size=14,
+        hidden_size=1792,
+        num_layers=64,
+        num_heads=16,
+        intermediate_size=15360,
+        text_layers=2,
+        pool=4,
+    )
+    dit = DiTConfig(hidden_size=1792, num_layers=24, num_heads=28, multiple_of=256, ffn_multiplier=1.5)
+    model = replace(
+        base.model,
+        backbone=backbone,
+        vision=vision,
+        vocab_size=152064,
+        generation=replace(base.model.generation, num_queries=64, dit=dit),
+    )
+    return replace(base, name=name, world=replace(base.world, size=448), model=model)
+
+
+def blip3o_8b() -> RunConfig:
+    """BLIP3o-8B shapes: the Qwen2.5-VL-7B text decoder (3584 wide), 64 queries, the 1.7B-class Lumina-Next DiT."""
+    return _full_size(
+        "blip3o-8b",
+        BackboneConfig(
+            kind="qwen2",
+            tie_embeddings=False,
+            hidden_size=3584,
+            num_layers=28,
+            num_heads=28,
+            num_kv_heads=4,
+            head_dim=128,
+            intermediate_size=18944,
+            max_positions=32768,
+            rope_theta=1e6,
+        ),
+    )
+
+
+def blip3o_4b() -> RunConfig:
+    """BLIP3o-4B shapes: the Qwen2.5-VL-3B text decoder (2048 wide), 64 queries, the same DiT as the 8B."""
+    return _full_size(
+        "blip3o-4b",
+        BackboneConfig(
+            kind="qwen2",
+            tie_embeddings=True,
+            hidden_size=2048,
+            num_layers=36,
+            num_heads=16,
+            num_kv_heads=2,
+            head_dim=128,
+            intermediate_size=11008,
+            max_positions=32768,
+            rope_theta=1e6,
+        ),
+    )
+
+
 def _stage_preset(stage: str) -> Callable[[], RunConfig]:
     def build() -> RunConfig:
         base = shapes_blip3o()
@@ -92,6 +156,8 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "shapes-blip3o-latent": _variant("shapes-blip3o-latent", target="latent"),
     "shapes-blip3o-joint": shapes_blip3o_joint,
     **{f"shapes-blip3o-{stage}": _stage_preset(stage) for stage in STAGES},
+    "blip3o-8b": blip3o_8b,
+    "blip3o-4b": blip3o_4b,
 }
 """Preset name -> function building a fresh :class:`RunConfig` (a new object on every call)."""
 

@@ -13,30 +13,32 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, LuminaNextDiT2DModel, SanaTransformer2DModel
 from torch import nn
-from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipConfig, SiglipModel
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SiglipConfig, SiglipModel
 
 from blip3o.config.model import BackboneConfig, DiTConfig, VAEConfig, VisionConfig
 
 
-def build_backbone(cfg: BackboneConfig, vocab_size: int) -> Qwen3ForCausalLM:
-    """A Qwen3 causal LM (SDPA attention, tied embeddings at shapes scale)."""
+def build_backbone(cfg: BackboneConfig, vocab_size: int) -> Qwen3ForCausalLM | Qwen2ForCausalLM:
+    """A Qwen3 (or Qwen2) causal LM with SDPA attention."""
+    model_cls, config_cls = (Qwen3ForCausalLM, Qwen3Config) if cfg.kind == "qwen3" else (Qwen2ForCausalLM, Qwen2Config)
     if cfg.pretrained:
-        return Qwen3ForCausalLM.from_pretrained(cfg.pretrained)
-    config = Qwen3Config(
+        return model_cls.from_pretrained(cfg.pretrained)
+    extra = {"head_dim": cfg.head_dim} if cfg.kind == "qwen3" else {}
+    config = config_cls(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
         pad_token_id=0,
+        **extra,
     )
     config._attn_implementation = "sdpa"
-    return Qwen3ForCausalLM(config)
+    return model_cls(config)
 
 
 def build_clip(cfg: VisionConfig, vocab_size: int) -> SiglipModel:
@@ -100,7 +102,8 @@ def build_lumina(cfg: DiTConfig, channels: int, side: int, cond_dim: int) -> Lum
         num_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_kv_heads=cfg.num_heads,
-        multiple_of=16,
+        multiple_of=cfg.multiple_of,
+        ffn_dim_multiplier=cfg.ffn_multiplier,
         norm_eps=1e-5,
         learn_sigma=False,
         qk_norm=True,
