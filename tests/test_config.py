@@ -313,7 +313,7 @@ def test_preset_values() -> None:
 
 
 def test_get_preset_unknown_name_lists_the_names() -> None:
-    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; valid presets: shapes-blip3o, .*tiny-debug"):
+    with pytest.raises(ConfigError, match=r"unknown preset .huge.; valid presets: blip3o-4b, .*tiny-debug"):
         get_preset("huge")
     with pytest.raises(ConfigError, match=r"did you mean 'tiny-debug'\?"):
         get_preset("tiny_debug")
