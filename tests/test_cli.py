@@ -93,6 +93,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
         assert f"<h3>{tag}</h3>" in html
     assert "GenEval scores" in html and (out / "config.yaml").is_file()
+    assert "BLIP3-o trained on the world" in html and "generated: color_attr" in html and "curves-generation" in html
+    assert 0.0 <= final["blip3o"]["geneval"]["overall"] <= 1.0 and final["blip3o"]["vqa"]["questions"] > 0
     n_images = len(list((out / "report" / "img").glob("*.png")))
     assert n_images >= 12
     # a second run reuses the world

@@ -282,6 +282,11 @@ def test_diff_lists_exactly_the_changed_keys() -> None:
         "world.n_heldout": (200, 100),
         "world.n_prompts": (553, 120),
         "eval.images_per_prompt": (4, 2),
+        "recipe.clip.steps": (600, 400),
+        "recipe.vae.steps": (1000, 600),
+        "recipe.decoder.steps": (1500, 1000),
+        "recipe.understanding.steps": (1500, 1000),
+        "recipe.generation.steps": (1500, 1000),
     }
     assert diff(_Toy(shape=(1,)), _Toy()) == {"shape": ([3, 4], [1])}
     with pytest.raises(TypeError):

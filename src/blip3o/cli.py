@@ -185,7 +185,13 @@ def _demo(args: argparse.Namespace) -> int:
         f"mismatched prompts: {checks['mismatch']['overall']:.4f}; OCR mean reward: {summary['ocr']['mean']:.4f}"
     )
     print(f"report: {Path(args.out) / 'report' / 'index.html'}")
-    print(json.dumps({k: summary[k] for k in ("geneval_oracle", "ocr", "seconds")}))
+    if "blip3o" in summary:
+        model = summary["blip3o"]
+        print(
+            f"BLIP3-o: GenEval-shapes {model['geneval']['overall']:.4f}, VQA {model['vqa']['overall']:.4f}, "
+            f"trained in {model['train_seconds']:.0f} s"
+        )
+    print(json.dumps({k: summary[k] for k in ("geneval_oracle", "ocr", "blip3o", "seconds") if k in summary}))
     return 0
 
 

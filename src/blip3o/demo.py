@@ -72,11 +72,39 @@ def run_demo(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[
         "geneval_oracle": geneval,
         "self_check": checks,
         "ocr": {"words": len(words), "mean": ocr_mean},
-        "seconds": round(time.perf_counter() - start, 1),
     }
+    model = _train_and_evaluate(cfg, out, progress) if cfg.recipe.stages else None
+    if model is not None:
+        summary["blip3o"] = {k: v for k, v in model.items() if k != "answers"}
+    summary["seconds"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _report(out, cfg, world, results, summary, list(zip(text_images, words, reads, rewards, strict=True)))
+    _report(out, cfg, world, results, summary, list(zip(text_images, words, reads, rewards, strict=True)), model)
     return summary
+
+
+def _train_and_evaluate(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """Train the BLIP3-o recipe in ``out`` (finished stages are reused), then score generation and answers."""
+    from blip3o.eval.model_eval import geneval_run, vqa_run
+    from blip3o.infer.pipeline import BLIP3oPipeline
+    from blip3o.train.recipe import run_recipe
+    from blip3o.world.shards import read_shards, shard_paths
+
+    start = time.perf_counter()
+    stages = run_recipe(cfg, out, progress=progress)
+    train_seconds = sum(s.get("wall_time_s", 0.0) for s in stages.values())
+    pipe = BLIP3oPipeline.from_run(out)
+    geneval = geneval_run(pipe, out / "world", cfg.eval, out / "eval" / "geneval", progress=progress)
+    vqa = vqa_run(pipe, out / "world", limit=300, progress=progress)
+    samples = [s for s in islice(read_shards(shard_paths(out / "world", "heldout")), 40) if s["meta"]["qa"]][:12]
+    questions = [s["meta"]["qa"][i % len(s["meta"]["qa"])] for i, s in enumerate(samples)]
+    answers = pipe.chat([s["image"] for s in samples], [q["question"] for q in questions])
+    return {
+        "geneval": geneval,
+        "vqa": vqa,
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "answers": [(s["image"], q, a) for s, q, a in zip(samples, questions, answers, strict=True)],
+    }
 
 
 def _report(
@@ -86,6 +114,7 @@ def _report(
     results: list[dict[str, Any]],
     summary: dict[str, Any],
     text_rows: list,
+    model: dict[str, Any] | None = None,
 ) -> None:
     from PIL import Image
 
@@ -152,6 +181,49 @@ def _report(
         for q in s["meta"]["qa"]
     ][:24]
     report.table(["sample", "type", "question", "answer"], qa_rows)
+    if model is not None:
+        _model_report(report, out, cfg, summary, model)
     report.heading("Config")
     report.parts.append(f"<pre>{json.dumps(to_dict(cfg), indent=1)}</pre>")
     report.write()
+
+
+def _model_report(report: Report, out: Path, cfg: RunConfig, summary: dict[str, Any], model: dict[str, Any]) -> None:
+    from PIL import Image
+
+    from blip3o.world.spec import TAGS
+
+    gen = model["geneval"]
+    report.heading("BLIP3-o trained on the world")
+    report.paragraph(
+        f"Recipe {', '.join(cfg.recipe.stages)} ({cfg.recipe.training} training), "
+        f"{model['train_seconds']:.0f} s of training; generation with {cfg.model.generation.steps} Euler steps, "
+        f"CFG {cfg.model.generation.guidance_scale}, then the pixel decoder."
+    )
+    rows = [[t, gen["tags"].get(t, float("nan")), summary["geneval_oracle"]["tags"].get(t, float("nan"))] for t in TAGS]
+    rows.append(["overall", gen["overall"], summary["geneval_oracle"]["overall"]])
+    report.table(["tag", "BLIP3-o", "ground truth"], rows)
+    vqa = model["vqa"]
+    report.table(["question type", "accuracy"], [*vqa["types"].items(), ("overall", vqa["overall"])])
+    results = [
+        json.loads(line) for line in (out / "eval" / "geneval" / "geneval_results.jsonl").read_text().splitlines()
+    ]
+    for tag in TAGS:
+        report.heading(f"generated: {tag}", 3)
+        report.gallery(
+            [(Image.open(r["filename"]), r["prompt"], r["correct"]) for r in results if r["tag"] == tag][:12]
+        )
+    report.heading("Answers on held-out images", 3)
+    report.gallery(
+        [
+            (img, f"{q['question']} → {a!r} (truth {q['answer']!r})", a.strip().lower() == q["answer"])
+            for img, q, a in model["answers"]
+        ]
+    )
+    report.heading("Training curves", 3)
+    for stage in cfg.recipe.stages:
+        curve = out / stage / "curves.png"
+        if curve.is_file():
+            target = report.out / "img" / f"curves-{stage}.png"
+            target.write_bytes(curve.read_bytes())
+            report.figure(target, f"{stage} stage")

@@ -19,12 +19,14 @@ __all__ = ["PRESETS", "get_preset", "resolve", "shapes_blip3o", "shapes_demo", "
 
 
 def shapes_demo() -> RunConfig:
-    """The shapes-world demo: a 1000-sample world, 120 held-out prompts, 2 images per prompt."""
+    """The demo: a 1000-sample world, 120 held-out prompts, 2 images per prompt, a shortened BLIP3-o recipe."""
     base = RunConfig(name="shapes-demo")
+    steps = {"clip": 400, "vae": 600, "decoder": 1000, "understanding": 1000, "generation": 1000}
     return replace(
         base,
         world=replace(base.world, n_train=1000, n_heldout=100, n_prompts=120),
         eval=replace(base.eval, images_per_prompt=2),
+        recipe=replace(base.recipe, **{k: replace(base.recipe.stage(k), steps=v) for k, v in steps.items()}),
     )
 
 
@@ -54,8 +56,12 @@ def tiny_debug() -> RunConfig:
 
 def shapes_blip3o() -> RunConfig:
     """The default BLIP3-o shapes recipe: CLIP + flow matching, sequential training, all five stages."""
-    base = shapes_demo()
-    return replace(base, name="shapes-blip3o", world=replace(base.world, n_train=4000, n_heldout=400))
+    base = RunConfig(name="shapes-blip3o")
+    return replace(
+        base,
+        world=replace(base.world, n_train=4000, n_heldout=400, n_prompts=120),
+        eval=replace(base.eval, images_per_prompt=2),
+    )
 
 
 def _variant(name: str, **generation: object) -> Callable[[], RunConfig]:

@@ -73,8 +73,13 @@ class BLIP3oPipeline:
         cfg = load_yaml(require(run / "config.yaml", "any"), RunConfig).model
         tokenizer = load_tokenizer(run / "tokenizer")
         scales = load_file(str(require(run / SCALES_FILE, "clip and vae")))
-        enc = Encoders.from_weights(cfg, len(tokenizer), require(run / "clip" / MODEL_FILE, "clip"),
-                                    require(run / "vae" / MODEL_FILE, "vae"), scales)
+        enc = Encoders.from_weights(
+            cfg,
+            len(tokenizer),
+            require(run / "clip" / MODEL_FILE, "clip"),
+            require(run / "vae" / MODEL_FILE, "vae"),
+            scales,
+        )
         model = build_blip3o(cfg, tokenizer, enc.vision)
         stage = "generation" if (run / "generation" / MODEL_FILE).is_file() else "understanding"
         load_weights(model, require(run / stage / MODEL_FILE, stage))
