@@ -120,3 +120,29 @@ def test_study_trains_every_variant_and_writes_the_report(tmp_path):
     assert results["clip-flow"]["vqa_before"] == results["clip-flow"]["vqa_after"]
     table = (tmp_path / "study.md").read_text()
     assert table.count("\n") == 2 + 4 and (tmp_path / "study.png").is_file()
+
+
+def test_interrupted_stage_needs_resume_and_then_matches(tmp_path, capsys):
+    import shutil
+
+    args = [
+        "recipe.stages=[clip]",
+        "recipe.clip.steps=6",
+        "recipe.clip.ckpt_every=3",
+        "recipe.clip.keep_checkpoints=2",
+        "recipe.clip.log_every=1",
+    ]
+    run_recipe(resolve("tiny-debug", args), tmp_path / "a", progress=False)
+    run_recipe(resolve("tiny-debug", args), tmp_path / "b", progress=False)
+    # a crash after step 5: the step-6 checkpoint, the weights and the summary never got written
+    shutil.rmtree(tmp_path / "b" / "clip" / "checkpoints" / "step-000006")
+    (tmp_path / "b" / "clip" / "summary.json").unlink()
+    cli = ["train", "tiny-debug", "--out", str(tmp_path / "b"), *args]
+    assert main(cli) == 2
+    assert "resume" in capsys.readouterr().err
+    assert main([*cli, "--resume"]) == 0
+    losses = [
+        [json.loads(x)["loss"] for x in (tmp_path / r / "clip" / "metrics.jsonl").read_text().splitlines()]
+        for r in ("a", "b")
+    ]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]

@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
     from blip3o.train.recipe import run_recipe
 
     cfg = resolve(args.preset, args.overrides)
-    summaries = run_recipe(cfg, args.out)
+    summaries = run_recipe(cfg, args.out, resume=args.resume)
     for stage, summary in summaries.items():
         final = {k: round(v, 4) for k, v in (summary.get("final") or {}).items() if "loss" in k}
         print(f"{stage:<14}{summary.get('steps')} steps  {final}")
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a recipe (all its stages, skipping finished ones) into a run directory")
     train.add_argument("preset", help=f"one of: {presets}")
     train.add_argument("--out", required=True, help="run directory (reused: finished stages are skipped)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
     _overrides(train)
     train.set_defaults(fn=_train)
 

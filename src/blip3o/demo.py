@@ -90,7 +90,7 @@ def _train_and_evaluate(cfg: RunConfig, out: Path, progress: bool) -> dict[str, 
     from blip3o.world.shards import read_shards, shard_paths
 
     start = time.perf_counter()
-    stages = run_recipe(cfg, out, progress=progress)
+    stages = run_recipe(cfg, out, resume=True, progress=progress)
     train_seconds = sum(s.get("wall_time_s", 0.0) for s in stages.values())
     pipe = BLIP3oPipeline.from_run(out)
     geneval = geneval_run(pipe, out / "world", cfg.eval, out / "eval" / "geneval", progress=progress)

@@ -15,6 +15,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -85,8 +86,18 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
     return GenerationTask(*common, **kwargs, init=init, joint_weight=weight)
 
 
-def run_recipe(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run the recipe's stages in order into ``out``; returns each stage's summary."""
+def finished(stage_dir: Path, steps: int) -> bool:
+    """Whether a stage directory holds a run that reached ``steps``."""
+    path = stage_dir / "summary.json"
+    return path.is_file() and json.loads(path.read_text()).get("steps", -1) >= steps
+
+
+def run_recipe(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the recipe's stages in order into ``out``; returns each stage's summary.
+
+    Finished stages are always skipped; a stage interrupted part-way continues from its last checkpoint
+    only with ``resume=True`` (otherwise the trainer refuses the directory and says so).
+    """
     out = Path(out)
     multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if multi_rank:  # under torchrun: rank 0 makes the world, tokenizer and scales; the others wait
@@ -109,7 +120,7 @@ def run_recipe(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dic
             make_task(stage, cfg, out),
             cfg.recipe.stage(stage),
             out / stage,
-            resume=True,
+            resume=resume or finished(out / stage, cfg.recipe.stage(stage).steps),
             config_to_save=cfg,
             progress=progress,
         )

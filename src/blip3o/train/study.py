@@ -83,7 +83,7 @@ def run_study(base: RunConfig, out: str | Path, *, progress: bool = True, **meas
     """Train the shared stages once, then each variant's generation stage; measure all; write the report."""
     out = Path(out)
     shared_cfg = replace(base, recipe=replace(base.recipe, stages=["clip", "vae", "decoder", "understanding"]))
-    run_recipe(shared_cfg, out / "shared", progress=progress)
+    run_recipe(shared_cfg, out / "shared", resume=True, progress=progress)
     results = {}
     for name, cfg in variants(base).items():
         vdir = out / name
@@ -92,7 +92,7 @@ def run_study(base: RunConfig, out: str | Path, *, progress: bool = True, **meas
             link = vdir / item
             if not link.exists():
                 os.symlink((out / "shared" / item).resolve(), link)
-        run_recipe(cfg, vdir, progress=progress)
+        run_recipe(cfg, vdir, resume=True, progress=progress)
         results[name] = measure(vdir, cfg, progress=progress, **measure_kwargs)
         (out / "study.json").write_text(json.dumps(results, indent=1))
     write_report(results, out)
