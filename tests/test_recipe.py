@@ -100,6 +100,9 @@ def test_cli_verbs_on_a_run(tiny_run, tmp_path, capsys):
     assert main(["eval", "vqa", str(tiny_run), "--limit", "8"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["questions"] == 8
+    assert main(["eval", "reconstruction", str(tiny_run), "--n", "6"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == 6 and 0.0 <= summary["vae"] <= 1.0 and 0.0 <= summary["decoder"] <= 1.0
 
 
 def test_train_cli_rejects_mismatched_sizes(tmp_path, capsys):

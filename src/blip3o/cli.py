@@ -96,6 +96,19 @@ def _eval_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_reconstruction(args: argparse.Namespace) -> int:
+    from blip3o.eval.model_eval import reconstruction_run
+    from blip3o.infer.pipeline import BLIP3oPipeline
+
+    summary = reconstruction_run(BLIP3oPipeline.from_run(args.run), Path(args.run) / "world", n=args.n)
+    print(
+        f"held-out images kept correct by the VAE: {summary['vae']:.4f}; "
+        f"by the pixel decoder from their CLIP maps: {summary['decoder']:.4f} ({summary['images']} images)"
+    )
+    print(json.dumps(summary))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from blip3o.train.recipe import run_recipe
 
@@ -254,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--split", default="heldout", choices=["heldout", "train"], help="world split (default heldout)")
     vqa.add_argument("--limit", type=int, help="at most this many questions")
     vqa.set_defaults(fn=_eval_vqa)
+    rec = esub.add_parser("reconstruction", help="GenEval-rule correctness of held-out images after VAE and decoder")
+    rec.add_argument("run", help="a run directory made by `blip3o train`")
+    rec.add_argument("--n", type=int, default=100, help="held-out images (default 100)")
+    rec.set_defaults(fn=_eval_reconstruction)
     ocr = esub.add_parser("ocr", help="OCR reward of a GenEval-layout folder whose prompts quote their text")
     ocr.add_argument("imagedir", help="image folder; each prompt holds its target text in double quotes")
     ocr.add_argument("--out", help="per-image results (JSON lines); default IMAGEDIR/ocr_results.jsonl")

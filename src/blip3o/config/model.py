@@ -116,6 +116,8 @@ class DiTConfig:
     """Lumina-Next FFN width rounding; its FFN is ``ffn_multiplier · 8/3 · hidden`` rounded up to this."""
     ffn_multiplier: float | None = None
     """1.5 gives BLIP3-o's 4 × hidden FFN (7168 at width 1792)."""
+    pos_embed: bool = True
+    """SANA only: add absolute sin-cos positions to the latent tokens (Lumina-Next always uses 2-D RoPE)."""
 
     def __post_init__(self) -> None:
         check_int("dit.num_layers", self.num_layers, ge=1)

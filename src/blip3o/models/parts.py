@@ -129,7 +129,7 @@ def build_sana(cfg: DiTConfig, channels: int, side: int, caption_channels: int) 
         patch_size=1,
         # Absolute sin-cos positions: without them the latent tokens cannot tell which condition token is
         # theirs (SANA's Mix-FFN convolutions only give local context), and a small decoder draws blobs.
-        interpolation_scale=1,
+        interpolation_scale=1 if cfg.pos_embed else None,
     )
 
 
