@@ -196,3 +196,14 @@ def test_eval_geneval_cli_on_genevals_layout(tmp_path, heldout_prompts, capsys):
 def test_eval_geneval_cli_errors(tmp_path, capsys):
     assert main(["eval", "geneval", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [32, 64, 256])
+def test_self_check_on_all_553_prompts(size):
+    _, held = P.split(0, 0.25)
+    checks = self_check(P.eval_prompts(held, 553, seed=0), size)
+    assert checks["clean"]["overall"] >= (0.98 if size > 32 else 0.90)
+    assert checks["mismatch"]["overall"] <= 0.25
+    if size > 32:
+        assert checks["degraded"]["overall"] >= 0.90 and min(checks["clean"]["tags"].values()) >= 0.95
