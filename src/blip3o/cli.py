@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--vocab-size", type=int, default=1024, help="vocabulary size (default 1024)")
     tok.set_defaults(fn=_world_tokenizer)
 
-    ev = sub.add_parser("eval", help="evaluate images: GenEval rules, OCR")
+    ev = sub.add_parser("eval", help="evaluate images or runs: GenEval rules, OCR, VQA, reconstruction")
     esub = ev.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
     gen = esub.add_parser("geneval", help="GenEval scores of an image folder in GenEval's layout, or of a trained run")
     gen.add_argument(

@@ -21,21 +21,11 @@ from blip3o.eval.model_eval import load_prompts
 from blip3o.eval.ocr import OCRScorer, ocr_reward
 from blip3o.eval.selfcheck import self_check
 from blip3o.report import Report
-from blip3o.world.shards import make_world, read_shards, shard_paths
+from blip3o.world.shards import ensure_world, read_shards, shard_paths
 from blip3o.world.spec import TAGS
 from blip3o.world.text import render_text
 
 log = logging.getLogger(__name__)
-
-
-def ensure_world(cfg: RunConfig, directory: Path, progress: bool = True) -> Path:
-    """Make the world unless ``directory`` already holds one made with the same config."""
-    meta = directory / "world.json"
-    if meta.is_file() and json.loads(meta.read_text())["config"] == to_dict(cfg.world):
-        log.info("reusing the world in %s", directory)
-        return directory
-    make_world(cfg.world, directory, progress=progress)
-    return directory
 
 
 def run_demo(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -44,7 +34,7 @@ def run_demo(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "config.yaml")
     start = time.perf_counter()
-    world = ensure_world(cfg, out / "world", progress)
+    world = ensure_world(cfg.world, out / "world", progress)
     prompts = load_prompts(world, cfg.eval.n_prompts)
 
     oracle_dir = out / "oracle"

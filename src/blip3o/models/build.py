@@ -106,8 +106,7 @@ class Encoders:
 
 def unit_scales(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Identity statistics (for tests and for measuring the real ones)."""
-    d, g, _ = cfg.vision.hidden_size, cfg.vision.target_grid, None
-    c = cfg.vae.latent_channels
+    d, g, c = cfg.vision.hidden_size, cfg.vision.target_grid, cfg.vae.latent_channels
     return {
         "feature_mean": torch.zeros(d, g, g),
         "feature_std": torch.ones(d, g, g),

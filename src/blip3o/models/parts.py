@@ -8,7 +8,6 @@ pretrained part share every line of code. Nothing here downloads: a ``pretrained
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, LuminaNextDiT2DModel, SanaTransformer2DModel
@@ -142,7 +141,3 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-def count_parameters(module: nn.Module) -> dict[str, Any]:
-    return {"total": sum(p.numel() for p in module.parameters())}

@@ -34,19 +34,18 @@ from blip3o.train.distributed import init_distributed
 from blip3o.train.tasks import ClipTask, DecoderTask, GenerationTask, StageTask, UnderstandingTask, VAETask
 from blip3o.train.trainer import train
 from blip3o.world.corpus import world_texts
+from blip3o.world.shards import ensure_world
 
 log = logging.getLogger(__name__)
 
 
 def prepare(cfg: RunConfig, out: Path, progress: bool = True) -> tuple[Path, Path]:
     """The world and tokenizer of a run directory, made if missing."""
-    from blip3o.demo import ensure_world
-
     if cfg.model.vision.image_size != cfg.world.size:
         raise ValueError(
             f"model.vision.image_size ({cfg.model.vision.image_size}) must equal world.size ({cfg.world.size})"
         )
-    world = ensure_world(cfg, out / "world", progress)
+    world = ensure_world(cfg.world, out / "world", progress)
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         save_tokenizer(train_bpe_tokenizer(world_texts(world), vocab_size=cfg.recipe.vocab_size), tok_dir)

@@ -13,12 +13,10 @@ from typing import Any
 
 from PIL import Image
 
-from blip3o.world.prompts import Record, sample_record
+from blip3o.world.prompts import INVERSE, Record, sample_record
 from blip3o.world.scene import Obj, layout, place, relation_holds, render, scene_to_json
 from blip3o.world.spec import COLOR_NAMES, NUMBER_WORDS, RELATIONS, SHAPES, article, plural
 from blip3o.world.text import TEXT_COLOURS, render_text, text_prompt
-
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 @dataclass

@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from blip3o.eval.rules import relative_position
@@ -229,23 +228,10 @@ def scene_to_json(objects: Sequence[Obj], size: int) -> list[dict]:
     return [o.to_json(size) for o in objects]
 
 
-def moved(obj: Obj, **changes: float | str) -> Obj:
-    """A copy of ``obj`` with some fields changed (used by edits)."""
-    return replace(obj, **changes)
-
-
-def as_array(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 array of an image."""
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
 __all__ = [
     "POLYGONS",
     "Obj",
-    "as_array",
-    "asdict",
     "layout",
-    "moved",
     "place",
     "relation_holds",
     "render",

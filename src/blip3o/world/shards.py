@@ -137,6 +137,17 @@ def make_world(cfg: WorldConfig, out: str | Path, *, progress: bool = True) -> d
     return summary
 
 
+def ensure_world(cfg: WorldConfig, directory: str | Path, progress: bool = True) -> Path:
+    """Make the world unless ``directory`` already holds one made with the same config."""
+    directory = Path(directory)
+    meta = directory / "world.json"
+    if meta.is_file() and json.loads(meta.read_text())["config"] == to_dict(cfg):
+        log.info("reusing the world in %s", directory)
+        return directory
+    make_world(cfg, directory, progress=progress)
+    return directory
+
+
 @dataclass
 class ReadStats:
     """Counts of what a shard reader saw; bad samples are skipped and counted, never replaced."""
