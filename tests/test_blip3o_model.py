@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import LuminaNextDiT2DModel, SanaTransformer2DModel
@@ -15,7 +17,7 @@ from blip3o.models.build import Encoders, build_blip3o, unit_scales
 from blip3o.models.heads import FlowHead, PixelDecoder, RegressionHead
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import positions_from_mask
-from blip3o.train.tasks import causal_lm_loss
+from blip3o.train.tasks import causal_lm_loss, sigmoid_loss
 
 TEXTS = [
     "a photo of a red circle",
@@ -42,7 +44,7 @@ def _pipeline(tokenizer, generation: GenerationConfig) -> BLIP3oPipeline:
     enc = Encoders(clip.vision_model, build_vae(cfg.vae), cfg.vision.pool, unit_scales(cfg))
     model = build_blip3o(cfg, tokenizer, enc.vision)
     c, side, _ = cfg.latent_shape
-    decoder = PixelDecoder(cfg.decoder.dit, c, side, cfg.vision.hidden_size) if generation.target == "clip" else None
+    decoder = PixelDecoder(cfg.decoder, c, side, cfg.vision.hidden_size) if generation.target == "clip" else None
     return BLIP3oPipeline(cfg, model, tokenizer, enc, decoder)
 
 
@@ -145,3 +147,35 @@ def test_mini_clip_starts_from_siglips_initialisation():
     clip = build_clip(VisionConfig(), 300)
     assert clip.logit_scale.item() == pytest.approx(math.log(10.0))
     assert clip.logit_bias.item() == pytest.approx(-10.0)
+
+
+def test_spatial_decoder_concatenates_the_upsampled_map(tokenizer):
+    cfg = ModelConfig()
+    c, side, _ = cfg.latent_shape
+    d, g = cfg.vision.hidden_size, cfg.vision.target_grid
+    torch.manual_seed(0)
+    dec = PixelDecoder(cfg.decoder, c, side, d).eval()
+    assert dec.dit.config.in_channels == c + d and dec.dit.config.out_channels == c
+    x, sigma = torch.randn(2, c, side, side), torch.tensor([0.3, 0.8])
+    grid = torch.randn(2, d, g, g)
+    tokens = grid.flatten(2).transpose(1, 2)
+    up = grid.repeat_interleave(side // g, 2).repeat_interleave(side // g, 3)
+    expected = dec.dit(torch.cat([x, up], 1), tokens, 1000.0 * sigma).sample
+    torch.testing.assert_close(dec(x, sigma, tokens), expected)
+    plain = PixelDecoder(replace(cfg.decoder, spatial=False), c, side, d)
+    assert plain.dit.config.in_channels == c
+
+
+def test_sigmoid_loss_is_siglips_plus_the_hard_negative_column(tokenizer):
+    from blip3o.config.model import VisionConfig
+
+    torch.manual_seed(0)
+    clip = build_clip(VisionConfig(), len(tokenizer))
+    pixels = torch.randn(3, 3, 64, 64)
+    texts = tokenizer(TEXTS[:6], padding="max_length", truncation=True, max_length=16, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        reference = clip(input_ids=texts[:3], pixel_values=pixels, return_loss=True).loss
+        logits = clip(input_ids=texts, pixel_values=pixels).logits_per_image  # (3, 6)
+    torch.testing.assert_close(sigmoid_loss(logits[:, :3]), reference)
+    extra = -torch.nn.functional.logsigmoid(-logits[:, 3:]).sum() / 3
+    torch.testing.assert_close(sigmoid_loss(logits), reference + extra)

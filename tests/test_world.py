@@ -250,3 +250,31 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tiny_world):
 def test_render_record_any_size():
     image, objects = render_record(P.counting("triangle", 3), 256, random.Random(0))
     assert image.size == (256, 256) and [o.shape for o in objects] == ["triangle"] * 3
+
+
+def test_shapes_named_reads_singular_and_plural_nouns():
+    assert P.shapes_named("a photo of two stars and a red circle.") == {"star", "circle"}
+    assert P.shapes_named("A blue cross at the top, on a grey background.") == {"cross"}
+    assert P.shapes_named("An empty grey background.") == set()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shape_swapped_changes_exactly_one_class(seed):
+    rng = random.Random(seed)
+    text = rng.choice(
+        [
+            "a photo of three crosses",
+            "a photo of a red circle and a blue star",
+            "An orange square at the bottom and a red cross at the top, on a grey background.",
+        ]
+    )
+    swapped = P.shape_swapped(text, rng)
+    old, new = text.split(" "), swapped.split(" ")
+    changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
+    assert len(changed) == 1
+    a, b = changed[0]
+    assert P.shapes_named(a) and P.shapes_named(b) and P.shapes_named(a) != P.shapes_named(b)
+    assert not P.shapes_named(b) & P.shapes_named(text)  # a class the text did not name
+    plurals = {P.plural(s) for s in SHAPES}
+    assert (a.rstrip(",.") in plurals) == (b.rstrip(",.") in plurals)
+    assert P.shape_swapped("An empty grey background.", rng) == "An empty grey background."

@@ -157,6 +157,9 @@ class DecoderConfig:
     """The pixel decoder: a SANA DiT over VAE latents conditioned on CLIP features."""
 
     dit: DiTConfig = field(default_factory=DiTConfig)
+    spatial: bool = True
+    """Also feed the CLIP map, upsampled to the latent grid, as extra input channels (besides the
+    cross-attention), so that each latent token sees the feature of its own place."""
     cond_dropout: float = 0.1
     steps: int = 20
     guidance_scale: float = 1.5

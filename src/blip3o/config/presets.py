@@ -55,12 +55,17 @@ def tiny_debug() -> RunConfig:
 
 
 def shapes_blip3o() -> RunConfig:
-    """The default BLIP3-o shapes recipe: CLIP + flow matching, sequential training, all five stages."""
+    """The default BLIP3-o shapes recipe: CLIP + flow matching, sequential training, all five stages.
+
+    20,000 training scenes: with 4,000 a tiny ViT overfits before it tells shapes apart (a supervised
+    probe on held-out images: 0.85 class-presence accuracy after 3,000 steps, against 0.94 with 20,000).
+    """
     base = RunConfig(name="shapes-blip3o")
     return replace(
         base,
-        world=replace(base.world, n_train=4000, n_heldout=400, n_prompts=120),
+        world=replace(base.world, n_train=20000, n_heldout=400, n_prompts=120),
         eval=replace(base.eval, images_per_prompt=2),
+        recipe=replace(base.recipe, clip=replace(base.recipe.clip, steps=3000)),
     )
 
 

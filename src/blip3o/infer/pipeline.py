@@ -86,7 +86,7 @@ class BLIP3oPipeline:
         decoder = None
         if (run / "decoder" / MODEL_FILE).is_file():
             c, side, _ = cfg.latent_shape
-            decoder = PixelDecoder(cfg.decoder.dit, c, side, cfg.vision.hidden_size)
+            decoder = PixelDecoder(cfg.decoder, c, side, cfg.vision.hidden_size)
             load_weights(decoder, run / "decoder" / MODEL_FILE)
         return cls(cfg, model, tokenizer, enc, decoder)
 

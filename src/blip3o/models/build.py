@@ -84,7 +84,7 @@ class Encoders:
         vae_weights: str | Path,
         scales: dict[str, torch.Tensor],
     ) -> Encoders:
-        vision = load_weights(build_clip(cfg.vision, vocab_size), clip_weights).vision_model
+        vision = load_weights(build_clip(cfg.vision, vocab_size), clip_weights, prefix="clip.").vision_model
         return cls(vision, load_weights(build_vae(cfg.vae), vae_weights, prefix="vae."), cfg.vision.pool, scales)
 
     @torch.no_grad()

@@ -14,11 +14,14 @@ pure noise. Lumina-Next counts time the other way (t = 1 − σ); SANA takes 100
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 from torch import nn
 
-from blip3o.config.model import DiTConfig
+from blip3o.config.model import DecoderConfig, DiTConfig
 from blip3o.models.parts import build_lumina, build_sana
 
 
@@ -72,11 +75,21 @@ class RegressionHead(nn.Module):
 
 
 class PixelDecoder(nn.Module):
-    """SANA velocity network over VAE latents, conditioned on CLIP feature tokens (B, L, D)."""
+    """SANA velocity network over VAE latents, conditioned on CLIP feature tokens (B, L, D) by
+    cross-attention and, with ``cfg.spatial``, also by input channels: the token map upsampled
+    (nearest) to the latent grid and concatenated to the noisy latents. A dropped condition (zeros)
+    zeroes both paths."""
 
-    def __init__(self, cfg: DiTConfig, latent_channels: int, latent_side: int, clip_dim: int) -> None:
+    def __init__(self, cfg: DecoderConfig, latent_channels: int, latent_side: int, clip_dim: int) -> None:
         super().__init__()
-        self.dit = build_sana(cfg, latent_channels, latent_side, clip_dim)
+        self.spatial, self.side, self.out_channels = cfg.spatial, latent_side, latent_channels
+        in_channels = latent_channels + (clip_dim if cfg.spatial else 0)
+        self.dit = build_sana(cfg.dit, in_channels, latent_side, clip_dim, out_channels=latent_channels)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
+        if self.spatial:
+            b, n, d = clip_tokens.shape
+            g = math.isqrt(n)
+            grid = clip_tokens.transpose(1, 2).reshape(b, d, g, g)
+            x = torch.cat([x, F.interpolate(grid, size=(self.side, self.side), mode="nearest")], dim=1)
         return self.dit(x, clip_tokens, 1000.0 * sigma).sample

@@ -110,12 +110,14 @@ def build_lumina(cfg: DiTConfig, channels: int, side: int, cond_dim: int) -> Lum
     )
 
 
-def build_sana(cfg: DiTConfig, channels: int, side: int, caption_channels: int) -> SanaTransformer2DModel:
-    """A SANA DiT over (channels, side, side) latents with cross-attention to ``caption_channels``-wide tokens."""
+def build_sana(
+    cfg: DiTConfig, channels: int, side: int, caption_channels: int, out_channels: int | None = None
+) -> SanaTransformer2DModel:
+    """A SANA DiT over (channels, side, side) inputs with cross-attention to ``caption_channels``-wide tokens."""
     head_dim = cfg.hidden_size // cfg.num_heads
     return SanaTransformer2DModel(
         in_channels=channels,
-        out_channels=channels,
+        out_channels=out_channels or channels,
         num_attention_heads=cfg.num_heads,
         attention_head_dim=head_dim,
         num_layers=cfg.num_layers,

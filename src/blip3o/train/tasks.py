@@ -29,6 +29,8 @@ from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocit
 from blip3o.models.build import Encoders, build_blip3o, load_weights, map_to_tokens
 from blip3o.models.heads import PixelDecoder
 from blip3o.models.parts import build_clip, build_vae
+from blip3o.world.prompts import shape_swapped, shapes_named
+from blip3o.world.spec import SHAPES
 
 
 class StageTask:
@@ -59,22 +61,76 @@ class StageTask:
         return (self.seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**31)
 
 
+class TaggedSiglip(nn.Module):
+    """SigLIP plus a linear tagging head on the pooled image embedding that predicts which classes the
+    image's caption names; the head is dropped after the stage."""
+
+    def __init__(self, clip: nn.Module, num_tags: int) -> None:
+        super().__init__()
+        self.clip = clip
+        self.tags = nn.Linear(clip.config.vision_config.hidden_size, num_tags)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.clip(input_ids=input_ids, pixel_values=pixel_values)
+        return out.logits_per_image, self.tags(out.vision_model_output.pooler_output)
+
+
+def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss per image for logits (B, B + K): image i matches text i; every other column, the
+    other texts of the batch and K extra negatives, is a negative."""
+    b = logits.shape[0]
+    labels = -torch.ones_like(logits)
+    labels[:, :b].fill_diagonal_(1.0)
+    return -F.logsigmoid(labels * logits).sum() / b
+
+
 class ClipTask(StageTask):
-    """Mini-CLIP: SigLIP vision + text towers trained with the sigmoid contrastive loss on world prompts."""
+    """Mini-CLIP: SigLIP's sigmoid contrastive loss on world prompts and captions, with two additions
+    that make a tiny tower learn shapes, not only colours, within a CPU budget:
+
+    - every image gets one hard negative, its own text with one shape swapped
+      (:func:`blip3o.world.prompts.shape_swapped`), besides the other texts of the batch;
+    - a tagging loss (:class:`TaggedSiglip`, weight ``tag_weight``): the pooled embedding predicts
+      which classes the caption names (multi-label, read from the caption's nouns).
+
+    Random negatives in a small batch differ in colour almost always. With the contrastive loss alone,
+    or with a bag-of-words loss over every caption token, a linear probe finds no more about which
+    shapes an image holds in the tower's features than the majority guess (docs/blip3o.md); the pixel
+    decoder and the understanding stage cannot recover what the features lack. The weights saved
+    under ``clip.`` are a plain ``SiglipModel``.
+    """
+
+    tag_weight = 10.0
 
     def build_model(self) -> nn.Module:
-        return build_clip(self.cfg.vision, len(self.tokenizer))
+        return TaggedSiglip(build_clip(self.cfg.vision, len(self.tokenizer)), len(SHAPES))
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
         rng = random.Random(f"{self.seed}-{step}-{rank}")
-        texts = [self.data.meta[i]["prompt"] if rng.random() < 0.5 else self.data.meta[i]["caption"] for i in idx]
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
-        return {"pixels": to_pixels(self.data.images[idx]), "input_ids": enc["input_ids"]}
+        captions = [self.data.meta[i]["caption"] for i in idx]
+        texts = [self.data.meta[i]["prompt"] if rng.random() < 0.5 else c for i, c in zip(idx, captions, strict=True)]
+        negatives = [shape_swapped(t, rng) for t in texts]
+        enc = self.tokenizer(
+            texts + negatives, padding="max_length", truncation=True, max_length=48, return_tensors="pt"
+        )
+        tags = torch.tensor([[s in shapes_named(c) for s in SHAPES] for c in captions], dtype=torch.float32)
+        return {"pixels": to_pixels(self.data.images[idx]), "input_ids": enc["input_ids"], "tags": tags}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixels"], return_loss=True)
-        return {"loss": out.loss}
+        logits, tag_logits = model(batch["input_ids"], batch["pixels"])  # (B, 2B), (B, T)
+        b = logits.shape[0]
+        contrastive = sigmoid_loss(logits)
+        tags = F.binary_cross_entropy_with_logits(tag_logits, batch["tags"])
+        hard = (logits[:, :b].diagonal() > logits[:, b:].diagonal()).float().mean()
+        tag_acc = ((tag_logits > 0) == batch["tags"].bool()).float().mean()
+        return {
+            "loss": contrastive + self.tag_weight * tags,
+            "contrastive": contrastive.detach(),
+            "tags": tags.detach(),
+            "tag_acc": tag_acc.detach(),
+            "hard_negative_acc": hard.detach(),
+        }
 
 
 class VAEAutoencoding(nn.Module):
@@ -131,7 +187,7 @@ class DecoderTask(StageTask):
 
     def build_model(self) -> nn.Module:
         c, side, _ = self.cfg.latent_shape
-        return PixelDecoder(self.cfg.decoder.dit, c, side, self.cfg.vision.hidden_size)
+        return PixelDecoder(self.cfg.decoder, c, side, self.cfg.vision.hidden_size)
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         pixels = to_pixels(self.data.images[self.indices(step, micro, rank, world_size)])

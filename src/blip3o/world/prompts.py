@@ -168,3 +168,36 @@ def sample_record(rng: random.Random, pools: dict[str, list[Record]]) -> Record:
     tags = [t for t in TAGS if pools[t]]
     tag = rng.choices(tags, weights=[TAG_COUNTS[t] for t in tags])[0]
     return rng.choice(pools[tag])
+
+
+_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{plural(s): s for s in SHAPES}}
+
+
+def _shape_of(word: str) -> str | None:
+    return _SHAPE_WORDS.get(word.rstrip(",.").lower())
+
+
+def shapes_named(text: str) -> set[str]:
+    """The classes a prompt or caption names ("two stars and a red circle" → {"star", "circle"})."""
+    return {s for w in text.split(" ") if (s := _shape_of(w))}
+
+
+def shape_swapped(text: str, rng: random.Random) -> str:
+    """``text`` with one shape mention replaced by a shape it does not mention (a contrastive hard negative).
+
+    "a photo of a red circle and a blue star" → "a photo of a red hexagon and a blue star": the same
+    colours, counts and places with one class wrong, so a contrastive model cannot tell the two captions
+    apart by colour alone. Plurals stay plural; a text without a shape comes back unchanged.
+    """
+    words = text.split(" ")
+    spots = [i for i, w in enumerate(words) if _shape_of(w)]
+    if not spots:
+        return text
+    i = rng.choice(spots)
+    word, old = words[i].rstrip(",."), _shape_of(words[i])
+    named = shapes_named(text)
+    new = rng.choice([s for s in SHAPES if s not in named] or [s for s in SHAPES if s != old])
+    if word.lower() != old:
+        new = plural(new)
+    words[i] = new + words[i][len(word) :]
+    return " ".join(words)
