@@ -1,0 +1,187 @@
+"""BLIP3o-NEXT model configuration: discrete image tokens from the backbone, a connector, SANA over VAE latents.
+
+BLIP3o-NEXT (arXiv 2510.15857; reference spec §5–6) is the ``image_tokens / latent / flow`` path of
+DESIGN.md: the backbone writes an image as ``<im_start> <S{scale}> <I…>×N <im_end>`` and is trained on
+those ids with cross-entropy; the last hidden states of the scale token and the N image tokens go
+through a small connector into a SANA DiT, trained with flow matching on VAE latents.
+
+Every count the official code wrote twice (730 vs 729, 2304, 32) is one field or one property here:
+:attr:`NextConfig.condition_tokens` is the length of the SANA condition, :attr:`NextConfig.vocab_size`
+the extended vocabulary, :attr:`NextConfig.latent_shape` the diffusion target.
+
+Presets: :func:`next_3b` (official BLIP3o-NEXT-3B shapes, for meta-device checks and weight loading)
+and :func:`shapes_next` (tiny, CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from blip3o.config.checks import ConfigError, check_float, check_instance, check_int
+from blip3o.config.model import BackboneConfig, DiTConfig
+
+__all__ = ["SANA_TOP_MODULES", "NextConfig", "next_3b", "shapes_next"]
+
+SANA_TOP_MODULES: tuple[str, ...] = (
+    "patch_embed",
+    "time_embed",
+    "caption_projection",
+    "caption_norm",
+    "transformer_blocks",
+    "norm_out",
+    "proj_out",
+    "scale_shift_table",
+)
+"""Top-level children (and the one top-level parameter) of diffusers' ``SanaTransformer2DModel``;
+``caption_projection`` (PixArt-α text projection, caption width → DiT width) and ``caption_norm``
+(RMSNorm after it) are the two the official recipe keeps trainable (§5.5)."""
+
+
+@dataclass(kw_only=True)
+class NextConfig:
+    """A BLIP3o-NEXT model: backbone + image vocabulary + connector + SANA DiT, and its two loss weights."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The autoregressive backbone (Qwen3); its input embedding is extended by :attr:`added_tokens` rows."""
+    text_vocab_size: int = 1024
+    """Length of the text tokenizer before the image vocabulary is added (Qwen3: 151,669; the world BPE:
+    ≤ 1024). The model's vocabulary is read from the tokenizer when one is at hand; this field gives the
+    same layout without one (meta-device builds, :attr:`vocab_size`)."""
+    codebook_size: int = 1024
+    """K, codes of the image tokenizer, one ``<I{k}>`` token each (TA-Tok: 65,536)."""
+    num_scales: int = 1
+    """Scale tokens ``<S0>`` … ``<S{n-1}>``, one per pool factor of the image tokenizer (official: 3)."""
+    image_tokens: int = 16
+    """N, image tokens per image at the scale used (official: 27×27 = 729 at 384 px, pool 1)."""
+    connector_dim: int = 96
+    """Output width of the connector = SANA's ``caption_channels`` (official: 2304, a Gemma-2-2B width)."""
+    sana: DiTConfig = field(default_factory=DiTConfig)
+    """The SANA DiT (width, depth, heads, MLP ratio, whether to add sin-cos positions)."""
+    latent_channels: int = 4
+    """Channels of the VAE latents SANA denoises (DC-AE f32c32: 32)."""
+    latent_side: int = 16
+    """Side of the latent grid (DC-AE f32 at 1024 px: 32)."""
+    cond_dropout: float = 0.1
+    """Probability of zeroing a sample's whole condition block (before the connector) in training, for CFG."""
+    train_sana: list[str] = field(default_factory=lambda: ["caption_projection", "caption_norm"])
+    """Module paths inside SANA left trainable; the rest of SANA is frozen (official §5.5)."""
+    ce_weight: float = 1.0
+    """Weight of the cross-entropy loss on the image tokens (and the prompt, see ``train_prompt_text``)."""
+    flow_weight: float = 1.0
+    """Weight of the flow-matching loss on the latents."""
+    train_prompt_text: bool = False
+    """Also take cross-entropy on the prompt text (system and user turns). Off by default: the prompt is
+    always given at inference, so predicting it only spends capacity and gradient on text modelling that
+    the generation stage does not need, and it dilutes the image-token CE when the two are averaged over
+    tokens. The official recipe takes CE on the whole sequence (§6.1); :func:`next_3b` turns it on to
+    match."""
+
+    def __post_init__(self) -> None:
+        check_instance("next.backbone", self.backbone, BackboneConfig)
+        check_instance("next.sana", self.sana, DiTConfig)
+        check_int("next.text_vocab_size", self.text_vocab_size, ge=1)
+        check_int("next.codebook_size", self.codebook_size, ge=2)
+        check_int("next.num_scales", self.num_scales, ge=1)
+        check_int("next.image_tokens", self.image_tokens, ge=1)
+        check_int("next.connector_dim", self.connector_dim, ge=1)
+        check_int("next.latent_channels", self.latent_channels, ge=1)
+        check_int("next.latent_side", self.latent_side, ge=1)
+        check_float("next.cond_dropout", self.cond_dropout, ge=0, le=1)
+        check_float("next.ce_weight", self.ce_weight, ge=0)
+        check_float("next.flow_weight", self.flow_weight, ge=0)
+        if self.ce_weight == 0 and self.flow_weight == 0:
+            raise ConfigError("ce_weight and flow_weight cannot both be 0 (nothing would train)", key="next")
+        if not isinstance(self.train_prompt_text, bool):
+            raise ConfigError(f"must be a bool, got {self.train_prompt_text!r}", key="next.train_prompt_text")
+        self._check_train_sana()
+
+    def _check_train_sana(self) -> None:
+        key = "next.train_sana"
+        if isinstance(self.train_sana, str) or not isinstance(self.train_sana, list | tuple):
+            raise ConfigError(f"must be a list of module paths inside SANA, got {self.train_sana!r}", key=key)
+        for path in self.train_sana:
+            if not isinstance(path, str) or not path or path.split(".")[0] not in SANA_TOP_MODULES:
+                raise ConfigError(
+                    f"every path must start with one of {', '.join(SANA_TOP_MODULES)}; got {path!r}", key=key
+                )
+        if len(set(self.train_sana)) != len(self.train_sana):
+            raise ConfigError(f"paths must be distinct, got {self.train_sana!r}", key=key)
+        self.train_sana = list(self.train_sana)
+
+    @property
+    def added_tokens(self) -> int:
+        """Tokens the image vocabulary adds: ``<im_start>``, ``<im_end>``, the scale tokens and the K codes."""
+        return 2 + self.num_scales + self.codebook_size
+
+    @property
+    def vocab_size(self) -> int:
+        """The extended vocabulary when the image tokens are appended to the text tokenizer (official: 217,210)."""
+        return self.text_vocab_size + self.added_tokens
+
+    @property
+    def condition_tokens(self) -> int:
+        """Length of the SANA condition: the scale token and the N image tokens (official: 730)."""
+        return 1 + self.image_tokens
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, side, side) of the VAE latents SANA denoises."""
+        return self.latent_channels, self.latent_side, self.latent_side
+
+
+def next_3b() -> NextConfig:
+    """Official BLIP3o-NEXT-3B shapes (full-size-configs.md; "to verify" against the checkpoint's config).
+
+    - backbone: Qwen3-1.7B widths (2048 wide, 28 layers, 16 heads / 8 KV heads of 128, MLP 6144, tied
+      embeddings, rope θ 1e6) over the Qwen3 tokenizer's 151,669 tokens;
+    - image vocabulary: TA-Tok's 65,536 codes, 3 scale tokens, 729 tokens (27×27) per 384 px image, so
+      the vocabulary is 217,210 and the condition 730 tokens long;
+    - connector: backbone width → 2304 (SANA's caption channels);
+    - SANA-1.5 1.6B: 20 blocks, 70 heads × 32 = 2240 wide, MLP ratio 2.5, no absolute positions, over
+      DC-AE f32c32 latents of 1024 px images: 32 channels on a 32×32 grid;
+    - CE on the whole sequence, as the official recipe (§6.1).
+    """
+    backbone = BackboneConfig(
+        kind="qwen3",
+        tie_embeddings=True,
+        hidden_size=2048,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=6144,
+        max_positions=40960,
+        rope_theta=1e6,
+    )
+    return NextConfig(
+        backbone=backbone,
+        text_vocab_size=151669,
+        codebook_size=65536,
+        num_scales=3,
+        image_tokens=729,
+        connector_dim=2304,
+        sana=DiTConfig(hidden_size=2240, num_layers=20, num_heads=70, mlp_ratio=2.5, pos_embed=False),
+        latent_channels=32,
+        latent_side=32,
+        train_prompt_text=True,
+    )
+
+
+def shapes_next() -> NextConfig:
+    """A tiny BLIP3o-NEXT for the shapes world and CPU tests.
+
+    A 64-wide, 2-layer Qwen3 over the world BPE (≤ 1024 tokens); 1024 codes, one scale, 16 image tokens
+    per image (a 4×4 grid); connector width 96 (distinct from both 64-wide ends, so a swapped width
+    fails loudly); a 64-wide, 2-layer SANA over 4-channel 16×16 VAE latents.
+    """
+    return NextConfig(
+        backbone=BackboneConfig(hidden_size=64, num_layers=2),
+        text_vocab_size=1024,
+        codebook_size=1024,
+        num_scales=1,
+        image_tokens=16,
+        connector_dim=96,
+        sana=DiTConfig(hidden_size=64, num_layers=2, num_heads=4),
+        latent_channels=4,
+        latent_side=16,
+    )

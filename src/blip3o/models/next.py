@@ -1,0 +1,432 @@
+"""BLIP3o-NEXT: a causal LM that writes discrete image tokens, a connector, and a SANA velocity network.
+
+The backbone (a ``transformers`` Qwen3) reads a prompt and writes an image as
+``<im_start> <S{scale}> <I{k1}> … <I{kN}> <im_end>``, one ``<I{k}>`` token per code of the image
+tokenizer (reference spec §5.2). The last-layer hidden states of the scale token and the N image tokens
+(the "condition", 1 + N positions; 730 for the official 729-token images) go through the
+:class:`Connector` into the cross-attention of a ``diffusers`` ``SanaTransformer2DModel`` that predicts
+the flow velocity of VAE latents (§5.3, §6.2). The model computes no loss; CE, noise and CFG dropout
+live in the trainer, sampling in ``infer/``.
+
+Deliberate differences from the official code:
+
+- the condition is found by token id, per row, with a vectorised mask (:func:`condition_positions`);
+  a row without exactly 1 + N such positions is an error. The official code meant to slice
+  ``<im_start>+1 … <im_end>`` but compared the hidden *width* with 730 and so always took the last 730
+  positions of the padded row (§5.3, issue #78);
+- positions come from the attention mask (``positions_from_mask``), so a row's hidden states and
+  condition do not depend on how much padding the batch gave it (issue #83);
+- image-token embeddings start from a projection of the codebook, so they differ from one another
+  (:meth:`BLIP3oNext.init_image_embeddings`); the official ``load_embeddings_from_vision`` is a no-op
+  for Qwen3 and every image row starts as the same mean vector (§5.2, issue #99);
+- every id is read back from the tokenizer (:func:`add_image_vocabulary`), none is hard-coded.
+
+The DiT is the ``dit`` attribute (named by role); ``freeze_sana_except`` keeps the official recipe's
+name for what it freezes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import SanaTransformer2DModel
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from blip3o.config.next import NextConfig
+from blip3o.models.parts import build_backbone, build_sana
+from blip3o.models.unified import positions_from_mask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "CONNECTOR_NORM_INIT",
+    "IM_END",
+    "IM_START",
+    "BLIP3oNext",
+    "Connector",
+    "ImageVocab",
+    "NextOutput",
+    "add_image_vocabulary",
+    "code_token",
+    "condition_positions",
+    "gather_condition",
+    "scale_token",
+]
+
+IM_START = "<im_start>"
+IM_END = "<im_end>"
+
+
+def scale_token(index: int) -> str:
+    """The text of scale token ``index``: ``<S0>``, ``<S1>``, …"""
+    return f"<S{index}>"
+
+
+def code_token(code: int) -> str:
+    """The text of the token for image code ``code``: ``<I0>``, ``<I1>``, …"""
+    return f"<I{code}>"
+
+
+@dataclass(frozen=True)
+class ImageVocab:
+    """Where the image vocabulary sits in the token ids: special tags, scale tokens, K contiguous code ids."""
+
+    im_start: int
+    im_end: int
+    scale_ids: tuple[int, ...]
+    """Id of ``<S{i}>`` at index i."""
+    first_code_id: int
+    """Id of ``<I0>``; code k has id ``first_code_id + k``."""
+    codebook_size: int
+    vocab_size: int
+    """Rows the backbone's embedding needs: the tokenizer's length after the image tokens were added."""
+
+    def __post_init__(self) -> None:
+        if self.codebook_size < 1 or not self.scale_ids:
+            raise ValueError(f"an image vocabulary needs ≥ 1 code and ≥ 1 scale token, got {self}")
+        added = [self.im_start, self.im_end, *self.scale_ids]
+        lo, hi = self.code_range
+        if len(set(added)) != len(added) or any(lo <= i < hi for i in added):
+            raise ValueError(f"image vocabulary ids overlap: {added} and codes [{lo}, {hi})")
+        if min(*added, lo) < 0 or max(*added, hi - 1) >= self.vocab_size:
+            raise ValueError(f"image vocabulary ids must lie in [0, vocab_size={self.vocab_size}), got {self}")
+
+    @classmethod
+    def appended(cls, text_vocab_size: int, codebook_size: int, num_scales: int) -> ImageVocab:
+        """The layout :func:`add_image_vocabulary` gives a tokenizer of length ``text_vocab_size`` that has
+        none of the tokens yet: ``<im_start>``, ``<im_end>``, the scale tokens, then the codes (the
+        official layout: 151669, 151670, 151671–151673, 151674–217209 for Qwen3). For building the model
+        without a tokenizer at hand (meta-device shape checks); with one, read the ids from it."""
+        scales = tuple(range(text_vocab_size + 2, text_vocab_size + 2 + num_scales))
+        first = text_vocab_size + 2 + num_scales
+        return cls(
+            im_start=text_vocab_size,
+            im_end=text_vocab_size + 1,
+            scale_ids=scales,
+            first_code_id=first,
+            codebook_size=codebook_size,
+            vocab_size=first + codebook_size,
+        )
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """``(lo, hi)``: the code ids are exactly ``[lo, hi)``."""
+        return self.first_code_id, self.first_code_id + self.codebook_size
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scale_ids)
+
+    @property
+    def added_ids(self) -> list[int]:
+        """Every id the image vocabulary owns: tags, scales, codes."""
+        return [self.im_start, self.im_end, *self.scale_ids, *range(*self.code_range)]
+
+    def is_code(self, ids: Tensor) -> Tensor:
+        """Bool mask of ``ids`` (any shape) that are image codes."""
+        lo, hi = self.code_range
+        return (ids >= lo) & (ids < hi)
+
+    def codes_to_ids(self, codes: Tensor) -> Tensor:
+        """Image-tokenizer codes (any shape, in [0, K)) → token ids."""
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        return codes + self.first_code_id
+
+    def ids_to_codes(self, ids: Tensor) -> Tensor:
+        """Token ids that are all image codes → codes in [0, K)."""
+        if not bool(self.is_code(ids).all()):
+            raise ValueError(f"every id must be an image code id in {list(self.code_range)}")
+        return ids - self.first_code_id
+
+
+def add_image_vocabulary(tokenizer: PreTrainedTokenizerBase, codebook_size: int, num_scales: int) -> ImageVocab:
+    """Add ``<im_start>``, ``<im_end>`` (special), ``<S0>``…``<S{n-1}>`` and ``<I0>``…``<I{K-1}>`` (added,
+    not special, as in the official tokenizer) to ``tokenizer`` in place, and read their ids back.
+
+    Tokens already present are kept (so the call is idempotent). Raises ``ValueError`` when a token does
+    not map to a single id, or when the K code ids are not contiguous (which happens when some ``<I{k}>``
+    were in the tokenizer before): code ids are computed as ``first_code_id + code`` everywhere.
+    """
+    from tokenizers import AddedToken
+
+    if codebook_size < 1 or num_scales < 1:
+        raise ValueError(f"codebook_size and num_scales must be ≥ 1, got {codebook_size} and {num_scales}")
+    scales = [scale_token(i) for i in range(num_scales)]
+    codes = [code_token(k) for k in range(codebook_size)]
+
+    def added(texts: list[str], special: bool) -> list[AddedToken]:
+        return [AddedToken(t, special=special, normalized=False, lstrip=False, rstrip=False) for t in texts]
+
+    tokenizer.add_tokens(added([IM_START, IM_END], True), special_tokens=True)
+    tokenizer.add_tokens(added(scales, False))
+    tokenizer.add_tokens(added(codes, False))
+
+    texts = [IM_START, IM_END, *scales, *codes]
+    ids = tokenizer.convert_tokens_to_ids(texts)
+    unk = tokenizer.unk_token_id
+    missing = [t for t, i in zip(texts, ids, strict=True) if i is None or (unk is not None and i == unk)]
+    if missing:
+        raise ValueError(f"the tokenizer has no id for {missing[:5]} after adding them")
+    code_ids = ids[2 + num_scales :]
+    first = code_ids[0]
+    breaks = [k for k, i in enumerate(code_ids) if i != first + k]
+    if breaks:
+        k = breaks[0]
+        raise ValueError(
+            f"image code ids must be contiguous, but {code_token(k)} has id {code_ids[k]} where {first + k} "
+            f"follows {code_token(0)} = {first}; were some {code_token(0)[:2]}…> tokens in the tokenizer already?"
+        )
+    # One token per code, also when it is written inside text (an added token is never split).
+    probe = tokenizer.encode(IM_START + scales[0] + codes[0] + codes[-1] + IM_END, add_special_tokens=False)
+    if probe != [ids[0], ids[2], first, first + codebook_size - 1, ids[1]]:
+        raise ValueError(f"image tokens do not encode to single ids: got {probe}")
+    return ImageVocab(
+        im_start=ids[0],
+        im_end=ids[1],
+        scale_ids=tuple(ids[2 : 2 + num_scales]),
+        first_code_id=first,
+        codebook_size=codebook_size,
+        vocab_size=len(tokenizer),
+    )
+
+
+CONNECTOR_NORM_INIT = math.sqrt(5.5)
+"""Initial RMSNorm gain of the official connector (≈ 2.345, §5.1): the condition tokens start with an
+RMS of √5.5 whatever the backbone's hidden scale."""
+
+
+class Connector(nn.Sequential):
+    """Backbone hidden states (..., H) → SANA caption tokens (..., C): Linear → GELU(tanh) → Linear → RMSNorm.
+
+    A ``Sequential`` so that its state-dict keys (``0.*``, ``2.*``, ``3.weight``) are those of the
+    official ``diffusion_connector``. The RMSNorm (eps 1e-5) gain starts at ``norm_init``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, eps: float = 1e-5, norm_init: float = CONNECTOR_NORM_INIT):
+        norm = nn.RMSNorm(out_dim, eps=eps, elementwise_affine=True)
+        super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(approximate="tanh"), nn.Linear(out_dim, out_dim), norm)
+        with torch.no_grad():
+            norm.weight.fill_(norm_init)
+
+
+def condition_positions(input_ids: Tensor, attention_mask: Tensor, vocab: ImageVocab) -> Tensor:
+    """Bool (B, T): each row's condition, i.e. its first scale token and the run of image-code tokens right
+    after it, ending at the first position that is not a real code token (``<im_end>``, padding, text, a
+    second scale token) or at the end of the row.
+
+    Works for left and right padding alike (padded positions never count), and ignores image tokens that
+    come before the scale token (an input image in an editing prompt carries no scale token, §5.2).
+    """
+    real = attention_mask.bool()
+    scales = torch.tensor(vocab.scale_ids, device=input_ids.device)
+    is_scale = torch.isin(input_ids, scales) & real
+    is_code = vocab.is_code(input_ids) & real
+    n_scale = is_scale.long().cumsum(-1)  # (B, T): scale tokens seen so far
+    started = n_scale >= 1
+    first_scale = is_scale & (n_scale == 1)
+    breaks = started & ~first_scale & ~is_code  # anything after the scale token that is not a real code
+    return started & (breaks.long().cumsum(-1) == 0)
+
+
+def gather_condition(
+    hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, vocab: ImageVocab, num_tokens: int
+) -> Tensor:
+    """The hidden states (B, 1 + num_tokens, H) at :func:`condition_positions`, in sequence order.
+
+    Raises ``ValueError`` naming the rows that do not hold exactly 1 + ``num_tokens`` such positions (a
+    missing scale token, a truncated image, a wrong ``num_tokens``).
+    """
+    if hidden.shape[:2] != input_ids.shape or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"hidden (B, T, H), input_ids and attention_mask (B, T) disagree: {tuple(hidden.shape)}, "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}"
+        )
+    selected = condition_positions(input_ids, attention_mask, vocab)  # (B, T)
+    counts = selected.sum(-1)
+    bad = (counts != 1 + num_tokens).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"rows {bad} hold {counts[bad].tolist()} condition positions (a scale token followed by image "
+            f"tokens); each row needs exactly 1 + num_tokens = {1 + num_tokens}"
+        )
+    # Boolean indexing walks rows in order, and every row has the same count.
+    return hidden[selected].view(hidden.shape[0], 1 + num_tokens, hidden.shape[-1])
+
+
+@dataclass
+class NextOutput:
+    """What :meth:`BLIP3oNext.forward` returns."""
+
+    logits: Tensor
+    """(B, T, V) next-token logits over the extended vocabulary."""
+    hidden: Tensor
+    """(B, T, H) last-layer hidden states (after the backbone's final norm)."""
+
+
+class BLIP3oNext(nn.Module):
+    """Backbone + connector + SANA DiT over VAE latents, with the image vocabulary's ids.
+
+    Args:
+        backbone: a ``transformers`` causal LM (Qwen3-style ``get_decoder()`` / ``get_output_embeddings()``)
+            whose embedding has at least ``vocab.vocab_size`` rows.
+        connector: backbone width → the DiT's ``caption_channels``.
+        dit: ``SanaTransformer2DModel``.
+        vocab: the image vocabulary (from :func:`add_image_vocabulary` or :meth:`ImageVocab.appended`).
+    """
+
+    def __init__(
+        self, backbone: PreTrainedModel, connector: Connector, dit: SanaTransformer2DModel, vocab: ImageVocab
+    ) -> None:
+        super().__init__()
+        width = backbone.config.hidden_size
+        rows = backbone.get_input_embeddings().weight.shape[0]
+        if rows < vocab.vocab_size:
+            raise ValueError(f"the backbone embeds {rows} ids but the image vocabulary needs {vocab.vocab_size}")
+        if connector[0].in_features != width or connector[2].out_features != dit.config.caption_channels:
+            raise ValueError(
+                f"the connector maps {connector[0].in_features} → {connector[2].out_features}, but the backbone "
+                f"is {width} wide and the DiT takes {dit.config.caption_channels}-wide captions"
+            )
+        self.backbone, self.connector, self.dit = backbone, connector, dit
+        self.vocab = vocab
+
+    @classmethod
+    def from_config(cls, cfg: NextConfig, vocab: ImageVocab | None = None) -> BLIP3oNext:
+        """Build every part from ``cfg`` (a pretrained backbone is loaded and its embedding resized).
+
+        ``vocab`` defaults to :meth:`ImageVocab.appended` over ``cfg.text_vocab_size``.
+        """
+        if vocab is None:
+            vocab = ImageVocab.appended(cfg.text_vocab_size, cfg.codebook_size, cfg.num_scales)
+        if vocab.codebook_size != cfg.codebook_size or vocab.num_scales != cfg.num_scales:
+            raise ValueError(
+                f"the vocabulary has {vocab.codebook_size} codes and {vocab.num_scales} scales, the config "
+                f"{cfg.codebook_size} and {cfg.num_scales}"
+            )
+        backbone = build_backbone(cfg.backbone, vocab.vocab_size)
+        if backbone.get_input_embeddings().weight.shape[0] < vocab.vocab_size:  # a pretrained checkpoint
+            backbone.resize_token_embeddings(vocab.vocab_size)
+        connector = Connector(backbone.config.hidden_size, cfg.connector_dim)
+        dit = build_sana(cfg.sana, cfg.latent_channels, cfg.latent_side, cfg.connector_dim)
+        return cls(backbone, connector, dit, vocab)
+
+    @torch.no_grad()
+    def init_image_embeddings(self, codebook_vectors: Tensor, *, generator: torch.Generator | None = None) -> None:
+        """Initialise the K image-code rows of the input embedding from the image tokenizer's codebook.
+
+        With C (K, d) the codebook vectors (for :class:`~blip3o.models.image_tokenizer.SimVQ`, ``codes()``),
+        P (d, H) a random projection with N(0, 1) entries drawn on the CPU from ``generator`` (a generator
+        seeded 0 when ``None``), and m (H,), s the mean row and the overall standard deviation (``torch.std``)
+        of the text rows (every row the image vocabulary does not own)::
+
+            Z = (C − mean_k C) P                       # (K, H)
+            rows = m + Z · s / std(Z)
+
+        A random projection keeps the codebook's geometry (Johnson–Lindenstrauss: nearby codes get nearby
+        embeddings) and needs no paired data, where a least-squares fit would need text–code pairs; the
+        rescaling puts the rows on the scale of the text rows, centred where the official mean
+        initialisation puts them all. An untied output embedding gets the same Z with its own m and s.
+        Tag and scale rows are left as they are.
+        """
+        k, h = self.vocab.codebook_size, self.backbone.config.hidden_size
+        if codebook_vectors.ndim != 2 or codebook_vectors.shape[0] != k:
+            raise ValueError(f"codebook_vectors must be (K={k}, d), got {tuple(codebook_vectors.shape)}")
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        c = codebook_vectors.detach().float().cpu()
+        proj = torch.randn(c.shape[1], h, generator=generator)  # (d, H)
+        z = (c - c.mean(0)) @ proj  # (K, H)
+        z = z / z.std()
+        lo, hi = self.vocab.code_range
+        tables = [self.backbone.get_input_embeddings().weight]
+        out = self.backbone.get_output_embeddings()
+        if out is not None and out.weight is not tables[0]:
+            tables.append(out.weight)
+        for table in tables:
+            text = torch.ones(table.shape[0], dtype=torch.bool)
+            text[self.vocab.added_ids] = False
+            ref = table.detach()[text.to(table.device)].float()
+            rows = ref.mean(0).cpu() + z * ref.std().cpu()
+            table[lo:hi] = rows.to(device=table.device, dtype=table.dtype)
+
+    def freeze_sana_except(self, paths: list[str] | tuple[str, ...]) -> None:
+        """Freeze every DiT parameter except those under the exact module (or parameter) ``paths`` inside it,
+        e.g. ``["caption_projection", "caption_norm"]`` (official §5.5). Backbone and connector are untouched."""
+        if isinstance(paths, str):
+            raise TypeError(f"paths must be a list of module paths, not a single str ({paths!r})")
+        modules = dict(self.dit.named_modules())
+        params = dict(self.dit.named_parameters())
+        keep: set[int] = set()
+        for path in paths:
+            if path in modules and path:
+                keep.update(id(p) for p in modules[path].parameters())
+            elif path in params:
+                keep.add(id(params[path]))
+            else:
+                top = [name for name, _ in self.dit.named_children()]
+                raise ValueError(f"{path!r} is not a module or parameter path inside the DiT; top-level: {top}")
+        for param in self.dit.parameters():
+            param.requires_grad_(id(param) in keep)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Last-layer hidden states (B, T, H), positions from the mask (left or right padding)."""
+        out = self.backbone.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> NextOutput:
+        """input_ids, attention_mask (B, T) → :class:`NextOutput` (logits (B, T, V), hidden (B, T, H))."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return NextOutput(logits=self.backbone.get_output_embeddings()(hidden), hidden=hidden)
+
+    def connect(
+        self,
+        hidden: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        num_tokens: int,
+        keep: Tensor | None = None,
+    ) -> Tensor:
+        """Hidden states (B, T, H) of a forward → the SANA condition (B, 1 + num_tokens, C).
+
+        ``keep`` (B,) multiplies each row's gathered hidden block before the connector: 0 drops the
+        condition for classifier-free guidance, as the official ``mask_drop`` does (§6.2), so a dropped
+        row equals :meth:`null_condition`.
+        """
+        h = gather_condition(hidden, input_ids, attention_mask, self.vocab, num_tokens)  # (B, 1 + N, H)
+        if keep is not None:
+            h = h * keep.to(h.dtype)[:, None, None]
+        return self.connector(h)
+
+    def condition(
+        self, input_ids: Tensor, attention_mask: Tensor, num_tokens: int, keep: Tensor | None = None
+    ) -> Tensor:
+        """The SANA condition (B, 1 + num_tokens, C) of sequences holding ``<S…>`` + num_tokens image tokens."""
+        return self.connect(self.hidden_states(input_ids, attention_mask), input_ids, attention_mask, num_tokens, keep)
+
+    def null_condition(self, batch_size: int, num_tokens: int) -> Tensor:
+        """The unconditional condition (B, 1 + num_tokens, C): the connector applied to zeros."""
+        weight = self.connector[0].weight
+        zeros = weight.new_zeros(batch_size, 1 + num_tokens, weight.shape[1])
+        return self.connector(zeros)
+
+    def velocity(self, latents: Tensor, sigma: Tensor, cond: Tensor, cond_mask: Tensor | None = None) -> Tensor:
+        """SANA's flow velocity for latents x_σ (B, c, h, w) at σ ∈ [0, 1] (B,) or (), σ = 1 pure noise.
+
+        ``cond`` (B, L, C) from :meth:`condition`; ``cond_mask`` (B, L), 1 where a token may be attended.
+        SANA counts time in [0, 1000]; the factor is applied here so callers only see σ.
+        """
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=latents.dtype)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(latents.shape[0])
+        return self.dit(latents, cond, 1000.0 * sigma, encoder_attention_mask=cond_mask).sample
