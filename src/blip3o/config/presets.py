@@ -59,12 +59,21 @@ def shapes_blip3o() -> RunConfig:
 
     20,000 training scenes: with 4,000 a tiny ViT overfits before it tells shapes apart (a supervised
     probe on held-out images: 0.85 class-presence accuracy after 3,000 steps, against 0.94 with 20,000).
+    The generation target is the unpooled 8×8 CLIP map with 64 queries, as in the official model (an
+    8×8 map): from the 4×4 pooled map the pixel decoder kept 0.11 of held-out images correct, from
+    the 8×8 map 0.45.
     """
     base = RunConfig(name="shapes-blip3o")
+    model = base.model
     return replace(
         base,
         world=replace(base.world, n_train=20000, n_heldout=400, n_prompts=120),
         eval=replace(base.eval, images_per_prompt=2),
+        model=replace(
+            model,
+            vision=replace(model.vision, pool=1),
+            generation=replace(model.generation, num_queries=64),
+        ),
         recipe=replace(base.recipe, clip=replace(base.recipe.clip, steps=3000)),
     )
 
