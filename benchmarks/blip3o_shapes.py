@@ -23,7 +23,16 @@ STEPS = 20
 
 def main() -> None:
     cfg = resolve("shapes-blip3o", ["world.n_train=512", "world.n_heldout=64"])
-    stages = {s: replace(cfg.recipe.stage(s), steps=STEPS, ckpt_every=0, log_every=STEPS) for s in STAGES}
+    stages = {
+        s: replace(
+            cfg.recipe.stage(s),
+            steps=STEPS,
+            ckpt_every=0,
+            log_every=STEPS,
+            optim=replace(cfg.recipe.stage(s).optim, warmup_steps=0),
+        )
+        for s in STAGES
+    }
     cfg = replace(cfg, recipe=replace(cfg.recipe, **stages))
     with tempfile.TemporaryDirectory() as tmp:
         summaries = run_recipe(cfg, tmp, progress=False)
