@@ -85,7 +85,7 @@ def _train_and_evaluate(cfg: RunConfig, out: Path, progress: bool) -> dict[str, 
     pipe = BLIP3oPipeline.from_run(out)
     geneval = geneval_run(pipe, out / "world", cfg.eval, out / "eval" / "geneval", progress=progress)
     vqa = vqa_run(pipe, out / "world", limit=300, progress=progress)
-    samples = [s for s in islice(read_shards(shard_paths(out / "world", "heldout")), 40) if s["meta"]["qa"]][:12]
+    samples = [s for s in islice(read_shards(shard_paths(out / "world", "heldout")), 40) if s["meta"].get("qa")][:12]
     questions = [s["meta"]["qa"][i % len(s["meta"]["qa"])] for i, s in enumerate(samples)]
     answers = pipe.chat([s["image"] for s in samples], [q["question"] for q in questions])
     return {
