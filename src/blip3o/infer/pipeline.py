@@ -23,8 +23,8 @@ from blip3o.config.model import ModelConfig
 from blip3o.data.processing import chat_inputs, generation_inputs, to_images, to_pixels
 from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
 from blip3o.diffusion.sampler import euler_sample
-from blip3o.models.build import Encoders, build_blip3o, load_weights, map_to_tokens
-from blip3o.models.heads import PixelDecoder
+from blip3o.models.build import Encoders, build_blip3o, load_weights
+from blip3o.models.heads import PixelDecoder, map_to_tokens
 from blip3o.models.unified import BLIP3o
 
 MODEL_FILE = "model.safetensors"

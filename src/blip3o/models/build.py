@@ -12,7 +12,7 @@ from torch import nn
 from blip3o.config.model import ModelConfig
 from blip3o.data.processing import to_pixels
 from blip3o.data.tokenizer import IMAGE_TOKEN
-from blip3o.models.heads import FlowHead, RegressionHead
+from blip3o.models.heads import FlowHead, RegressionHead, tokens_to_map
 from blip3o.models.parts import Projector, build_backbone, build_clip, build_vae
 from blip3o.models.unified import BLIP3o
 
@@ -34,16 +34,8 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str = "", skip: tu
 
 def clip_map(vision: nn.Module, pixels: torch.Tensor, pool: int) -> torch.Tensor:
     """The pooled CLIP feature map (B, D, g, g) of images (B, 3, H, W) in [-1, 1]."""
-    tokens = vision(pixel_values=pixels).last_hidden_state  # (B, P, D)
-    b, p, d = tokens.shape
-    side = int(p**0.5)
-    grid = tokens.transpose(1, 2).reshape(b, d, side, side)
+    grid = tokens_to_map(vision(pixel_values=pixels).last_hidden_state)  # (B, D, g, g)
     return F.avg_pool2d(grid, pool) if pool > 1 else grid
-
-
-def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, g, g) → (B, g·g, D), row-major."""
-    return x.flatten(2).transpose(1, 2)
 
 
 def measure_scales(clip_vision: nn.Module, vae: nn.Module, images: torch.Tensor, pool: int) -> dict[str, torch.Tensor]:

@@ -25,6 +25,18 @@ from blip3o.config.model import DecoderConfig, DiTConfig
 from blip3o.models.parts import build_lumina, build_sana
 
 
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, g, g) → (B, g·g, D), row-major."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
+    """(B, g·g, D) → (B, D, g, g), the inverse of :func:`map_to_tokens`."""
+    b, n, d = x.shape
+    g = math.isqrt(n)
+    return x.transpose(1, 2).reshape(b, d, g, g)
+
+
 def condition_projection(in_dim: int, out_dim: int) -> nn.Sequential:
     """PixArt-α's caption projection, as used by BLIP3-o before its DiT."""
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(approximate="tanh"), nn.Linear(out_dim, out_dim))
@@ -68,10 +80,10 @@ class RegressionHead(nn.Module):
         self.net = condition_projection(cond_dim, channels)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        b, n, _ = cond.shape
+        n = cond.shape[1]
         if n != self.side * self.side:
             raise ValueError(f"the MSE head needs {self.side**2} queries (one per feature token), got {n}")
-        return self.net(cond).transpose(1, 2).reshape(b, self.channels, self.side, self.side)  # (B, C, h, w)
+        return tokens_to_map(self.net(cond))  # (B, C, h, w)
 
 
 class PixelDecoder(nn.Module):
@@ -82,14 +94,12 @@ class PixelDecoder(nn.Module):
 
     def __init__(self, cfg: DecoderConfig, latent_channels: int, latent_side: int, clip_dim: int) -> None:
         super().__init__()
-        self.spatial, self.side, self.out_channels = cfg.spatial, latent_side, latent_channels
+        self.spatial, self.side = cfg.spatial, latent_side
         in_channels = latent_channels + (clip_dim if cfg.spatial else 0)
         self.dit = build_sana(cfg.dit, in_channels, latent_side, clip_dim, out_channels=latent_channels)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
         if self.spatial:
-            b, n, d = clip_tokens.shape
-            g = math.isqrt(n)
-            grid = clip_tokens.transpose(1, 2).reshape(b, d, g, g)
-            x = torch.cat([x, F.interpolate(grid, size=(self.side, self.side), mode="nearest")], dim=1)
+            grid = F.interpolate(tokens_to_map(clip_tokens), size=(self.side, self.side), mode="nearest")
+            x = torch.cat([x, grid], dim=1)
         return self.dit(x, clip_tokens, 1000.0 * sigma).sample

@@ -26,8 +26,8 @@ from blip3o.data.processing import generation_inputs, to_pixels, understanding_i
 from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
-from blip3o.models.build import Encoders, build_blip3o, load_weights, map_to_tokens
-from blip3o.models.heads import PixelDecoder
+from blip3o.models.build import Encoders, build_blip3o, load_weights
+from blip3o.models.heads import PixelDecoder, map_to_tokens
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.world.prompts import shape_swapped, shapes_named
 from blip3o.world.spec import SHAPES
@@ -114,7 +114,8 @@ class ClipTask(StageTask):
         enc = self.tokenizer(
             texts + negatives, padding="max_length", truncation=True, max_length=48, return_tensors="pt"
         )
-        tags = torch.tensor([[s in shapes_named(c) for s in SHAPES] for c in captions], dtype=torch.float32)
+        named = [shapes_named(c) for c in captions]
+        tags = torch.tensor([[s in n for s in SHAPES] for n in named], dtype=torch.float32)
         return {"pixels": to_pixels(self.data.images[idx]), "input_ids": enc["input_ids"], "tags": tags}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
