@@ -37,8 +37,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         summaries = run_recipe(cfg, tmp, progress=False)
         for stage, summary in summaries.items():
-            emit(f"blip3o.train.{stage}", summary["samples_per_s"], "samples/s",
-                 batch_size=cfg.recipe.stage(stage).batch_size)
+            emit(
+                f"blip3o.train.{stage}",
+                summary["samples_per_s"],
+                "samples/s",
+                batch_size=cfg.recipe.stage(stage).batch_size,
+            )
         pipe = BLIP3oPipeline.from_run(tmp)
         prompt = "a photo of a red circle left of a blue star"
         for batch in (1, 16):
@@ -46,8 +50,14 @@ def main() -> None:
             start = time.perf_counter()
             pipe([prompt] * batch, seed=list(range(batch)))
             elapsed = time.perf_counter() - start
-            emit(f"blip3o.generate.batch{batch}", batch / elapsed, "images/s",
-                 steps=cfg.model.generation.steps, decoder_steps=cfg.model.decoder.steps, cfg=True)
+            emit(
+                f"blip3o.generate.batch{batch}",
+                batch / elapsed,
+                "images/s",
+                steps=cfg.model.generation.steps,
+                decoder_steps=cfg.model.decoder.steps,
+                cfg=True,
+            )
 
 
 if __name__ == "__main__":
