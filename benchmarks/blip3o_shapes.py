@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 
 from blip3o.config import resolve
-from blip3o.config.recipe import STAGES
+from blip3o.config.recipe import BLIP3O_STAGES
 from blip3o.infer.pipeline import BLIP3oPipeline
 from blip3o.train.recipe import run_recipe
 
@@ -31,7 +31,7 @@ def main() -> None:
             log_every=STEPS,
             optim=replace(cfg.recipe.stage(s).optim, warmup_steps=0),
         )
-        for s in STAGES
+        for s in BLIP3O_STAGES
     }
     cfg = replace(cfg, recipe=replace(cfg.recipe, **stages))
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,7 +58,7 @@ def _widen(net: BLIP3oNext, seed: int = 0) -> BLIP3oNext:
 def model(tok_vocab):
     tok, vocab = tok_vocab
     torch.manual_seed(0)
-    cfg = replace(shapes_next(), num_scales=2, text_vocab_size=len(tok))
+    cfg = replace(shapes_next(), num_scales=2, pool_factors=(1, 2), text_vocab_size=len(tok))
     return _widen(BLIP3oNext.from_config(cfg, vocab)).eval()
 
 
@@ -244,7 +244,7 @@ def test_init_image_embeddings_follows_the_documented_formula(model):
 
 def test_init_image_embeddings_untied_head_uses_its_own_statistics(tok_vocab):
     _, vocab = tok_vocab
-    cfg = replace(shapes_next(), num_scales=2, backbone=BackboneConfig(tie_embeddings=False))
+    cfg = replace(shapes_next(), num_scales=2, pool_factors=(1, 2), backbone=BackboneConfig(tie_embeddings=False))
     net = BLIP3oNext.from_config(cfg, vocab)
     head = net.backbone.get_output_embeddings().weight
     with torch.no_grad():
@@ -296,7 +296,13 @@ def test_forward_velocity_and_null_condition_match_their_parts(model):
         x = torch.randn(2, 4, 16, 16, generator=gen)
         sigma = torch.tensor([0.3, 0.9])
         v = model.velocity(x, sigma, cond)
-        torch.testing.assert_close(v, model.dit(x, cond, torch.tensor([300.0, 900.0])).sample)
+        t = torch.tensor([300.0, 900.0])
+        # Reference-latent channels follow the latents: zeros without a reference.
+        torch.testing.assert_close(v, model.dit(torch.cat([x, torch.zeros_like(x)], 1), cond, t).sample)
+        r = torch.randn(x.shape, generator=gen)
+        torch.testing.assert_close(
+            model.velocity(x, sigma, cond, reference=r), model.dit(torch.cat([x, r], 1), cond, t).sample
+        )
         assert v.shape == x.shape
         torch.testing.assert_close(
             model.velocity(x, torch.tensor(0.3), cond), model.velocity(x, sigma[:1].expand(2), cond)
@@ -311,7 +317,7 @@ def test_forward_velocity_and_null_condition_match_their_parts(model):
 
 def test_freezing_keeps_only_the_listed_sana_modules(tok_vocab):
     _, vocab = tok_vocab
-    cfg = replace(shapes_next(), num_scales=2)
+    cfg = replace(shapes_next(), num_scales=2, pool_factors=(1, 2))
     net = _widen(BLIP3oNext.from_config(cfg, vocab))
     net.freeze_sana_except(cfg.train_sana)
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}

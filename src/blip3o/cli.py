@@ -64,12 +64,12 @@ def _eval_geneval(args: argparse.Namespace) -> int:
     if _is_run(args.imagedir):  # a trained run: sample its world's held-out prompts, then score
         from blip3o.config import RunConfig, load_yaml
         from blip3o.eval.model_eval import geneval_run
-        from blip3o.infer.pipeline import BLIP3oPipeline
+        from blip3o.infer.next_pipeline import load_pipeline
 
         run = Path(args.imagedir)
         cfg = apply_overrides(load_yaml(run / "config.yaml", RunConfig), args.overrides)
         out = Path(args.out) if args.out else run / "eval" / "geneval"
-        summary = geneval_run(BLIP3oPipeline.from_run(run), run / "world", cfg.eval, out)
+        summary = geneval_run(load_pipeline(run), run / "world", cfg.eval, out)
         print(format_table(summary))
         print(f"images and results: {out}")
         print(json.dumps(summary))
@@ -86,9 +86,9 @@ def _eval_geneval(args: argparse.Namespace) -> int:
 
 def _eval_vqa(args: argparse.Namespace) -> int:
     from blip3o.eval.model_eval import vqa_run
-    from blip3o.infer.pipeline import BLIP3oPipeline
+    from blip3o.infer.next_pipeline import load_pipeline
 
-    summary = vqa_run(BLIP3oPipeline.from_run(args.run), Path(args.run) / "world", split=args.split, limit=args.limit)
+    summary = vqa_run(load_pipeline(args.run), Path(args.run) / "world", split=args.split, limit=args.limit)
     for qtype, acc in summary["types"].items():
         print(f"{qtype:<12}{acc:>8.4f}")
     print(f"{'overall':<12}{summary['overall']:>8.4f}  ({summary['questions']} questions)")
@@ -113,7 +113,7 @@ def _train(args: argparse.Namespace) -> int:
     from blip3o.train.recipe import run_recipe
 
     cfg = resolve(args.preset, args.overrides)
-    summaries = run_recipe(cfg, args.out, resume=args.resume)
+    summaries = run_recipe(cfg, args.out, resume=args.resume, reuse=args.reuse)
     for stage, summary in summaries.items():
         final = {k: round(v, 4) for k, v in (summary.get("final") or {}).items() if "loss" in k}
         print(f"{stage:<14}{summary.get('steps')} steps  {final}")
@@ -132,10 +132,19 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from blip3o.infer.pipeline import BLIP3oPipeline
+def _save_images(images: list, out: str) -> int:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        image.save(path / f"{k:04d}.png")
+    print(f"wrote {len(images)} images to {path}")
+    return 0
 
-    pipe = BLIP3oPipeline.from_run(args.run)
+
+def _generate(args: argparse.Namespace) -> int:
+    from blip3o.infer.next_pipeline import load_pipeline
+
+    pipe = load_pipeline(args.run)
     images = pipe(
         args.prompt,
         num_images=args.n,
@@ -144,20 +153,51 @@ def _generate(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         progress=True,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for k, image in enumerate(images):
-        image.save(out / f"{k:04d}.png")
-    print(f"wrote {len(images)} images to {out}")
+    return _save_images(images, args.out)
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from blip3o.infer.next_pipeline import NextPipeline, load_pipeline
+
+    pipe = load_pipeline(args.run)
+    if not isinstance(pipe, NextPipeline):
+        raise SystemExit(f"{args.run} is a BLIP3-o run; editing needs a BLIP3o-NEXT run (`blip3o train shapes-next`)")
+    images = pipe.edit(
+        Image.open(args.image),
+        args.prompt,
+        num_images=args.n,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+        progress=True,
+    )
+    return _save_images(images, args.out)
+
+
+def _eval_edit(args: argparse.Namespace) -> int:
+    from blip3o.eval.edit import format_edit_table
+    from blip3o.eval.model_eval import edit_run
+    from blip3o.infer.next_pipeline import NextPipeline, load_pipeline
+
+    pipe = load_pipeline(args.run)
+    if not isinstance(pipe, NextPipeline):
+        raise SystemExit(f"{args.run} is a BLIP3-o run; editing needs a BLIP3o-NEXT run (`blip3o train shapes-next`)")
+    out = Path(args.out) if args.out else Path(args.run) / "eval" / "edit"
+    summary = edit_run(pipe, Path(args.run) / "world", out, limit=args.limit, seed=args.seed)
+    print(format_edit_table(summary))
+    print(f"images and results: {out}")
+    print(json.dumps(summary))
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from blip3o.infer.pipeline import BLIP3oPipeline
+    from blip3o.infer.next_pipeline import load_pipeline
 
-    pipe = BLIP3oPipeline.from_run(args.run)
+    pipe = load_pipeline(args.run)
     print(pipe.chat(Image.open(args.image), args.prompt, max_new_tokens=args.max_new_tokens))
     return 0
 
@@ -244,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--vocab-size", type=int, default=1024, help="vocabulary size (default 1024)")
     tok.set_defaults(fn=_world_tokenizer)
 
-    ev = sub.add_parser("eval", help="evaluate images or runs: GenEval rules, OCR, VQA, reconstruction")
+    ev = sub.add_parser("eval", help="evaluate images or runs: GenEval rules, OCR, VQA, editing, reconstruction")
     esub = ev.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
     gen = esub.add_parser("geneval", help="GenEval scores of an image folder in GenEval's layout, or of a trained run")
     gen.add_argument(
@@ -271,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("run", help="a run directory made by `blip3o train`")
     rec.add_argument("--n", type=int, default=100, help="held-out images (default 100)")
     rec.set_defaults(fn=_eval_reconstruction)
+    ed = esub.add_parser("edit", help="edit accuracy and consistency of a BLIP3o-NEXT run on held-out triplets")
+    ed.add_argument("run", help="a BLIP3o-NEXT run directory made by `blip3o train`")
+    ed.add_argument("--out", help="images and results (default RUN/eval/edit)")
+    ed.add_argument("--limit", type=int, help="at most this many triplets")
+    ed.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    ed.set_defaults(fn=_eval_edit)
     ocr = esub.add_parser("ocr", help="OCR reward of a GenEval-layout folder whose prompts quote their text")
     ocr.add_argument("imagedir", help="image folder; each prompt holds its target text in double quotes")
     ocr.add_argument("--out", help="per-image results (JSON lines); default IMAGEDIR/ocr_results.jsonl")
@@ -280,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("preset", help=f"one of: {presets}")
     train.add_argument("--out", required=True, help="run directory (reused: finished stages are skipped)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
+    train.add_argument(
+        "--reuse",
+        metavar="RUN",
+        help="link the world, tokenizer and shared stages (clip, vae, decoder) of this run first, e.g. a "
+        "BLIP3-o run for shapes-next (their configs must agree)",
+    )
     _overrides(train)
     train.set_defaults(fn=_train)
 
@@ -298,6 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
     generate.add_argument("--out", required=True, help="output directory")
     generate.set_defaults(fn=_generate)
+
+    edit = sub.add_parser("edit", help="image + instruction → edited image with a trained BLIP3o-NEXT run")
+    edit.add_argument("run", help="a BLIP3o-NEXT run directory made by `blip3o train`")
+    edit.add_argument("--image", required=True, help="the image to edit")
+    edit.add_argument("--prompt", required=True, help='the instruction, e.g. "make the red circle blue"')
+    edit.add_argument("-n", type=int, default=1, help="images (default 1)")
+    edit.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
+    edit.add_argument("--guidance-scale", type=float, help="SANA CFG scale (default: the run's config)")
+    edit.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
+    edit.add_argument("--out", required=True, help="output directory")
+    edit.set_defaults(fn=_edit)
 
     chat = sub.add_parser("chat", help="image → text: ask a trained run about an image")
     chat.add_argument("run", help="a run directory made by `blip3o train`")

@@ -15,12 +15,13 @@ and :func:`shapes_next` (tiny, CPU).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from blip3o.config.checks import ConfigError, check_float, check_instance, check_int
 from blip3o.config.model import BackboneConfig, DiTConfig
 
-__all__ = ["SANA_TOP_MODULES", "NextConfig", "next_3b", "shapes_next"]
+__all__ = ["SANA_TOP_MODULES", "ImageTokenizerConfig", "NextConfig", "next_3b", "shapes_next"]
 
 SANA_TOP_MODULES: tuple[str, ...] = (
     "patch_embed",
@@ -35,6 +36,44 @@ SANA_TOP_MODULES: tuple[str, ...] = (
 """Top-level children (and the one top-level parameter) of diffusers' ``SanaTransformer2DModel``;
 ``caption_projection`` (PixArt-α text projection, caption width → DiT width) and ``caption_norm``
 (RMSNorm after it) are the two the official recipe keeps trainable (§5.5)."""
+
+
+@dataclass(kw_only=True)
+class ImageTokenizerConfig:
+    """The discrete image tokenizer (TA-Tok style); the feature width and grid come from the vision encoder."""
+
+    codebook_size: int = 1024
+    """K, the number of codes (TA-Tok: 65536)."""
+    code_dim: int = 32
+    """d, the width of a code: the bottleneck between ``in_proj`` and the decoder."""
+    pool_factors: tuple[int, ...] = (1,)
+    """Average-pool factor of each scale, in scale-index order; each must divide the feature grid side."""
+    commit_weight: float = 0.25
+    """β, the weight of the commitment loss in the quantiser loss."""
+    decoder_mlp_ratio: int = 4
+    """Hidden width of the decoder's residual MLP, as a multiple of the feature width D."""
+
+    def __post_init__(self) -> None:
+        check_int("image_tokenizer.codebook_size", self.codebook_size, ge=1)
+        check_int("image_tokenizer.code_dim", self.code_dim, ge=1)
+        check_int("image_tokenizer.decoder_mlp_ratio", self.decoder_mlp_ratio, ge=1)
+        check_float("image_tokenizer.commit_weight", self.commit_weight, ge=0.0)
+        if not isinstance(self.pool_factors, tuple | list) or not self.pool_factors:
+            raise ConfigError(
+                f"must be a non-empty tuple of positive ints, got {self.pool_factors!r}",
+                key="image_tokenizer.pool_factors",
+            )
+        for factor in self.pool_factors:
+            if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+                raise ConfigError(
+                    f"every factor must be a positive int, got {factor!r} in {self.pool_factors!r}",
+                    key="image_tokenizer.pool_factors",
+                )
+        if len(set(self.pool_factors)) != len(self.pool_factors):
+            raise ConfigError(
+                f"factors must be distinct, got {self.pool_factors!r}", key="image_tokenizer.pool_factors"
+            )
+        self.pool_factors = tuple(self.pool_factors)
 
 
 @dataclass(kw_only=True)
@@ -69,6 +108,33 @@ class NextConfig:
     """Weight of the cross-entropy loss on the image tokens (and the prompt, see ``train_prompt_text``)."""
     flow_weight: float = 1.0
     """Weight of the flow-matching loss on the latents."""
+    code_dim: int = 32
+    """Width of a code of the image tokenizer's SimVQ quantiser (the bottleneck of its feature decoder)."""
+    pool_factors: tuple[int, ...] = (1,)
+    """The image tokenizer's pool factor per scale token, in scale-index order (one per ``<S{i}>``)."""
+    spatial: bool = False
+    """Also feed the image-token part of the condition, as a map upsampled to the latent grid, to SANA as
+    input channels (the shapes pixel decoder's layout, :class:`blip3o.config.model.DecoderConfig`);
+    needs N to be a square and ``connector_dim`` the decoder's feature width."""
+    reference_latents: bool = True
+    """Editing: SANA also takes the reference image's VAE latents as extra input channels, whose input
+    weights start at zero (so an untrained model ignores them, and text-to-image rows pass zeros)."""
+    edit_fraction: float = 0.3
+    """Share of training rows that are edit triplets (reference tokens + instruction → target image)."""
+    understanding_fraction: float = 0.2
+    """Share of training rows that are image → text (captions and questions about image tokens)."""
+    temperature: float = 1.0
+    """AR sampling temperature (0: greedy)."""
+    top_k: int | None = 1200
+    """AR sampling top-k (official 1200); ``None`` keeps all codes."""
+    top_p: float = 0.95
+    """AR sampling nucleus mass (official 0.95)."""
+    ar_guidance_scale: float = 1.0
+    """CFG on the image-token logits against an empty prompt (1: off, as officially)."""
+    steps: int = 30
+    """SANA Euler steps (official 30)."""
+    guidance_scale: float = 2.0
+    """SANA CFG scale (official 2.0 for NEXT)."""
     train_prompt_text: bool = False
     """Also take cross-entropy on the prompt text (system and user turns). Off by default: the prompt is
     always given at inference, so predicting it only spends capacity and gradient on text modelling that
@@ -91,6 +157,28 @@ class NextConfig:
         check_float("next.flow_weight", self.flow_weight, ge=0)
         if self.ce_weight == 0 and self.flow_weight == 0:
             raise ConfigError("ce_weight and flow_weight cannot both be 0 (nothing would train)", key="next")
+        for name in ("edit_fraction", "understanding_fraction", "top_p"):
+            check_float(f"next.{name}", getattr(self, name), ge=0, le=1)
+        if self.edit_fraction + self.understanding_fraction > 1:
+            raise ConfigError("edit_fraction + understanding_fraction must be <= 1", key="next")
+        check_float("next.temperature", self.temperature, ge=0)
+        if self.top_k is not None:
+            check_int("next.top_k", self.top_k, ge=1)
+        check_float("next.ar_guidance_scale", self.ar_guidance_scale, ge=0)
+        check_int("next.steps", self.steps, ge=1)
+        check_float("next.guidance_scale", self.guidance_scale, ge=0)
+        check_int("next.code_dim", self.code_dim, ge=1)
+        self.pool_factors = tuple(self.pool_factors)
+        if len(self.pool_factors) != self.num_scales:
+            raise ConfigError(
+                f"needs one pool factor per scale token ({self.num_scales}), got {self.pool_factors}",
+                key="next.pool_factors",
+            )
+        if self.spatial and math.isqrt(self.image_tokens) ** 2 != self.image_tokens:
+            raise ConfigError(
+                f"spatial conditioning needs a square number of image tokens, got {self.image_tokens}",
+                key="next.spatial",
+            )
         if not isinstance(self.train_prompt_text, bool):
             raise ConfigError(f"must be a bool, got {self.train_prompt_text!r}", key="next.train_prompt_text")
         self._check_train_sana()
@@ -107,6 +195,17 @@ class NextConfig:
         if len(set(self.train_sana)) != len(self.train_sana):
             raise ConfigError(f"paths must be distinct, got {self.train_sana!r}", key=key)
         self.train_sana = list(self.train_sana)
+
+    def tokenizer_config(self) -> ImageTokenizerConfig:
+        """The image tokenizer this model's codes come from."""
+        return ImageTokenizerConfig(
+            codebook_size=self.codebook_size, code_dim=self.code_dim, pool_factors=self.pool_factors
+        )
+
+    @property
+    def sana_in_channels(self) -> int:
+        """SANA's input channels: noisy latents, the condition map when spatial, reference latents for editing."""
+        return self.latent_channels * (2 if self.reference_latents else 1) + (self.connector_dim if self.spatial else 0)
 
     @property
     def added_tokens(self) -> int:
@@ -134,12 +233,15 @@ def next_3b() -> NextConfig:
 
     - backbone: Qwen3-1.7B widths (2048 wide, 28 layers, 16 heads / 8 KV heads of 128, MLP 6144, tied
       embeddings, rope θ 1e6) over the Qwen3 tokenizer's 151,669 tokens;
-    - image vocabulary: TA-Tok's 65,536 codes, 3 scale tokens, 729 tokens (27×27) per 384 px image, so
+    - image vocabulary: TA-Tok's 65,536 codes, 3 scale tokens (pool 1, 2, 3: 27×27, 13×13, 9×9 grids; the
+      tokenizer here needs a factor that divides the grid, so pool 2 is for the layout only), 729 tokens per
+      384 px image at pool 1, so
       the vocabulary is 217,210 and the condition 730 tokens long;
     - connector: backbone width → 2304 (SANA's caption channels);
     - SANA-1.5 1.6B: 20 blocks, 70 heads × 32 = 2240 wide, MLP ratio 2.5, no absolute positions, over
       DC-AE f32c32 latents of 1024 px images: 32 channels on a 32×32 grid;
-    - CE on the whole sequence, as the official recipe (§6.1).
+    - CE on the whole sequence, as the official recipe (§6.1);
+    - text-to-image only (no reference-latent channels), as the released checkpoint.
     """
     backbone = BackboneConfig(
         kind="qwen3",
@@ -158,11 +260,13 @@ def next_3b() -> NextConfig:
         text_vocab_size=151669,
         codebook_size=65536,
         num_scales=3,
+        pool_factors=(1, 2, 3),
         image_tokens=729,
         connector_dim=2304,
         sana=DiTConfig(hidden_size=2240, num_layers=20, num_heads=70, mlp_ratio=2.5, pos_embed=False),
         latent_channels=32,
         latent_side=32,
+        reference_latents=False,
         train_prompt_text=True,
     )
 

@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from blip3o.config.io import apply_overrides
 from blip3o.config.model import BackboneConfig, DiTConfig, VisionConfig
-from blip3o.config.recipe import STAGES
+from blip3o.config.next import NextConfig, next_3b, shapes_next
+from blip3o.config.recipe import BLIP3O_STAGES, NEXT_STAGES, SHARED_STAGES, STAGES
 from blip3o.config.schema import ConfigError, RunConfig
 
 __all__ = ["PRESETS", "get_preset", "resolve", "shapes_blip3o", "shapes_demo", "tiny_debug"]
@@ -159,6 +160,69 @@ def blip3o_4b() -> RunConfig:
     )
 
 
+def next_for(cfg: RunConfig, base: NextConfig) -> NextConfig:
+    """``base`` wired to the shared parts of ``cfg``: the codes cover the mini-CLIP's generation map, the
+    connector writes that map's width, and SANA is the pixel decoder (same DiT, latents and spatial input)."""
+    model = cfg.model
+    c, side, _ = model.latent_shape
+    return replace(
+        base,
+        text_vocab_size=cfg.recipe.vocab_size,
+        image_tokens=model.vision.target_grid**2,
+        connector_dim=model.vision.hidden_size,
+        sana=model.decoder.dit,
+        spatial=model.decoder.spatial,
+        latent_channels=c,
+        latent_side=side,
+    )
+
+
+def _next_recipe(cfg: RunConfig, next_cfg: NextConfig, **stage_steps: int):
+    trainable = ["backbone", "connector", *(f"dit.{p}" for p in next_cfg.train_sana)]
+    stages = {
+        name: replace(
+            cfg.recipe.stage(name), trainable=trainable, **({"steps": stage_steps[name]} if name in stage_steps else {})
+        )
+        for name in ("next", "instruct")
+    }
+    return replace(cfg.recipe, stages=[*SHARED_STAGES, *NEXT_STAGES], **stages)
+
+
+def shapes_next_run() -> RunConfig:
+    """The default BLIP3o-NEXT shapes recipe: the BLIP3-o run's world, mini-CLIP, VAE and pixel decoder, then
+    the image tokenizer (1024 codes over the 8×8 CLIP map: 64 tokens per image), NEXT pre-training on
+    captions, edits and image → text, and instruction tuning on a tag-balanced set.
+
+    The backbone is a 128-wide, 4-layer Qwen3 (the BLIP3-o shapes backbone is 64 × 2: writing 64 codes
+    that place objects is harder than answering about them). SANA keeps its input projection trainable
+    besides the caption projection and norm, because the reference-latent channels of editing enter there.
+    """
+    base = shapes_blip3o()
+    backbone = BackboneConfig(
+        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384
+    )
+    next_cfg = next_for(
+        base,
+        replace(shapes_next(), backbone=backbone, train_sana=["caption_projection", "caption_norm", "patch_embed"]),
+    )
+    return replace(base, name="shapes-next", next=next_cfg, recipe=_next_recipe(base, next_cfg))
+
+
+def tiny_next() -> RunConfig:
+    """The tiny-debug world and shared parts with a tiny BLIP3o-NEXT on top (tests, smoke runs)."""
+    base = tiny_debug()
+    next_cfg = next_for(
+        base, replace(shapes_next(), codebook_size=64, train_sana=["caption_projection", "caption_norm", "patch_embed"])
+    )
+    return replace(base, name="tiny-next", next=next_cfg, recipe=_next_recipe(base, next_cfg))
+
+
+def blip3o_next_3b() -> RunConfig:
+    """BLIP3o-NEXT-3B shapes (:func:`blip3o.config.next.next_3b`), for meta-device checks and checkpoints."""
+    base = RunConfig(name="blip3o-next-3b")
+    return replace(base, next=next_3b())
+
+
 def _stage_preset(stage: str) -> Callable[[], RunConfig]:
     def build() -> RunConfig:
         base = shapes_blip3o()
@@ -175,7 +239,10 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "shapes-blip3o-mse": _variant("shapes-blip3o-mse", objective="mse"),
     "shapes-blip3o-latent": _variant("shapes-blip3o-latent", target="latent"),
     "shapes-blip3o-joint": shapes_blip3o_joint,
-    **{f"shapes-blip3o-{stage}": _stage_preset(stage) for stage in STAGES},
+    **{f"shapes-blip3o-{stage}": _stage_preset(stage) for stage in BLIP3O_STAGES},
+    "shapes-next": shapes_next_run,
+    "tiny-next": tiny_next,
+    "blip3o-next-3b": blip3o_next_3b,
     "blip3o-8b": blip3o_8b,
     "blip3o-4b": blip3o_4b,
 }

@@ -1,6 +1,7 @@
 """The staged training recipe: which stages run, how generation is trained, and each stage's TrainConfig.
 
-The BLIP3-o shapes recipe runs ``clip → vae → decoder → understanding → generation``. ``training``
+The BLIP3-o shapes recipe runs ``clip → vae → decoder → understanding → generation``; the BLIP3o-NEXT
+one ``clip → vae → decoder → image_tokenizer → next → instruct``. ``training``
 chooses the paper's **sequential** scheme (understanding first, then generation with the backbone
 frozen) or **joint** training (backbone trainable, understanding batches mixed into generation steps
 with weight ``joint_weight``).
@@ -14,7 +15,21 @@ from typing import Literal
 from blip3o.config.checks import ConfigError, check_float, check_int
 from blip3o.config.train import OptimConfig, TrainConfig
 
-STAGES: tuple[str, ...] = ("clip", "vae", "decoder", "understanding", "generation")
+STAGES: tuple[str, ...] = (
+    "clip",
+    "vae",
+    "decoder",
+    "understanding",
+    "generation",
+    "image_tokenizer",
+    "next",
+    "instruct",
+)
+"""Every stage in its required order: the BLIP3-o stages, then the BLIP3o-NEXT ones (which share the first three)."""
+NEXT_STAGES: tuple[str, ...] = ("image_tokenizer", "next", "instruct")
+BLIP3O_STAGES: tuple[str, ...] = ("clip", "vae", "decoder", "understanding", "generation")
+SHARED_STAGES: tuple[str, ...] = ("clip", "vae", "decoder")
+"""Stages a BLIP3o-NEXT run can take from a BLIP3-o run."""
 
 
 def _stage(steps: int, batch_size: int, lr: float, trainable: list[str] | None = None) -> TrainConfig:
@@ -32,8 +47,8 @@ def _stage(steps: int, batch_size: int, lr: float, trainable: list[str] | None =
 class RecipeConfig:
     """Stages to run and their training settings."""
 
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
-    """Stages to run, a subsequence of clip, vae, decoder, understanding, generation (finished ones are skipped)."""
+    stages: list[str] = field(default_factory=lambda: list(BLIP3O_STAGES))
+    """Stages to run, in the order of :data:`STAGES` (finished ones are skipped)."""
     training: Literal["sequential", "joint"] = "sequential"
     joint_weight: float = 1.0
     """Weight of the understanding loss mixed into joint generation training."""
@@ -44,6 +59,24 @@ class RecipeConfig:
     decoder: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3))
     understanding: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["backbone", "projector"]))
     generation: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["queries", "head"]))
+    image_tokenizer: TrainConfig = field(default_factory=lambda: _stage(1000, 64, 1e-3))
+    next: TrainConfig = field(
+        default_factory=lambda: _stage(
+            2000, 32, 1e-3, ["backbone", "connector", "dit.caption_projection", "dit.caption_norm"]
+        )
+    )
+    instruct: TrainConfig = field(
+        default_factory=lambda: _stage(
+            400, 32, 3e-4, ["backbone", "connector", "dit.caption_projection", "dit.caption_norm"]
+        )
+    )
+    next_prompt_fraction: float = 0.0
+    """NEXT pre-training: share of text-to-image rows asked for by the GenEval-style prompt instead of the
+    caption (0: captions only, as pre-training on descriptive captions)."""
+    instruct_prompt_fraction: float = 0.5
+    """Instruction tuning: share of rows asked for by the GenEval-style prompt (the rest by the caption)."""
+    instruct_per_tag: int = 500
+    """Instruction tuning: scenes per GenEval tag in the curated set."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
@@ -53,6 +86,9 @@ class RecipeConfig:
             raise ConfigError(f"stages must keep the order {', '.join(STAGES)}", key="recipe.stages")
         check_float("recipe.joint_weight", self.joint_weight, ge=0)
         check_int("recipe.vocab_size", self.vocab_size, ge=300)
+        check_float("recipe.next_prompt_fraction", self.next_prompt_fraction, ge=0, le=1)
+        check_float("recipe.instruct_prompt_fraction", self.instruct_prompt_fraction, ge=0, le=1)
+        check_int("recipe.instruct_per_tag", self.instruct_per_tag, ge=1)
 
     def stage(self, name: str) -> TrainConfig:
         return getattr(self, name)

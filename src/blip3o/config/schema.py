@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from blip3o.config.checks import ConfigError, check_float, check_instance, check_int
 from blip3o.config.model import ModelConfig
-from blip3o.config.recipe import RecipeConfig
+from blip3o.config.next import NextConfig
+from blip3o.config.recipe import NEXT_STAGES, RecipeConfig
 
 __all__ = [
     "ConfigError",
@@ -99,12 +100,18 @@ class RunConfig:
     """The unified model's parts and generation path."""
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     """The staged training recipe."""
+    next: NextConfig | None = None
+    """A BLIP3o-NEXT model (image tokens → SANA); None for a BLIP3-o run. ``model`` still describes the
+    shared parts (mini-CLIP, VAE, pixel decoder) the NEXT stages build on."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"must be a non-empty str, got {self.name!r}", key="name")
         check_instance("world", self.world, WorldConfig)
         check_instance("eval", self.eval, EvalConfig)
+        next_stages = [s for s in self.recipe.stages if s in NEXT_STAGES]
+        if next_stages and self.next is None:
+            raise ConfigError(f"stages {next_stages} need a BLIP3o-NEXT model (the next section)", key="recipe.stages")
         if self.eval.n_prompts is not None and self.eval.n_prompts > self.world.n_prompts:
             raise ConfigError(
                 f"must be <= world.n_prompts ({self.world.n_prompts}) or None, got {self.eval.n_prompts}",

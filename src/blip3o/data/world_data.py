@@ -27,6 +27,10 @@ class WorldSplit:
     text_images: torch.Tensor
     text_meta: list[dict[str, Any]]
     stats: ReadStats
+    edit_images: torch.Tensor
+    """(M, 3, S, S) uint8: the edited image of every scene that has an edit triplet."""
+    edited: list[int]
+    """Scene index of each edit image (``meta[edited[j]]["edit"]`` describes ``edit_images[j]``)."""
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -45,15 +49,18 @@ def _stack(images: list) -> torch.Tensor:
 def load_split(world: str | Path, split: str) -> WorldSplit:
     """Decode every sample of a split (bad samples are skipped and counted in ``stats``)."""
     stats = ReadStats()
-    scenes, scene_meta, texts, text_meta = [], [], [], []
+    scenes, scene_meta, texts, text_meta, edits, edited = [], [], [], [], [], []
     for sample in read_shards(shard_paths(world, split), stats):
         if sample["meta"]["kind"] == "scene":
+            if sample.get("edit_image") is not None and "edit" in sample["meta"]:
+                edits.append(sample["edit_image"])
+                edited.append(len(scenes))
             scenes.append(sample["image"])
             scene_meta.append(sample["meta"])
         else:
             texts.append(sample["image"])
             text_meta.append(sample["meta"])
-    return WorldSplit(_stack(scenes), scene_meta, _stack(texts), text_meta, stats)
+    return WorldSplit(_stack(scenes), scene_meta, _stack(texts), text_meta, stats, _stack(edits), edited)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:

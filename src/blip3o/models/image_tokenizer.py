@@ -42,6 +42,7 @@ from einops import rearrange
 from torch import nn
 
 from blip3o.config.checks import ConfigError, check_float, check_int
+from blip3o.config.next import ImageTokenizerConfig
 
 __all__ = [
     "ImageTokenizer",
@@ -52,44 +53,6 @@ __all__ = [
     "codebook_usage",
     "perplexity",
 ]
-
-
-@dataclass(kw_only=True)
-class ImageTokenizerConfig:
-    """The discrete image tokenizer (TA-Tok style); the feature width and grid come from the vision encoder."""
-
-    codebook_size: int = 1024
-    """K, the number of codes (TA-Tok: 65536)."""
-    code_dim: int = 32
-    """d, the width of a code: the bottleneck between ``in_proj`` and the decoder."""
-    pool_factors: tuple[int, ...] = (1,)
-    """Average-pool factor of each scale, in scale-index order; each must divide the feature grid side."""
-    commit_weight: float = 0.25
-    """β, the weight of the commitment loss in the quantiser loss."""
-    decoder_mlp_ratio: int = 4
-    """Hidden width of the decoder's residual MLP, as a multiple of the feature width D."""
-
-    def __post_init__(self) -> None:
-        check_int("image_tokenizer.codebook_size", self.codebook_size, ge=1)
-        check_int("image_tokenizer.code_dim", self.code_dim, ge=1)
-        check_int("image_tokenizer.decoder_mlp_ratio", self.decoder_mlp_ratio, ge=1)
-        check_float("image_tokenizer.commit_weight", self.commit_weight, ge=0.0)
-        if not isinstance(self.pool_factors, tuple | list) or not self.pool_factors:
-            raise ConfigError(
-                f"must be a non-empty tuple of positive ints, got {self.pool_factors!r}",
-                key="image_tokenizer.pool_factors",
-            )
-        for factor in self.pool_factors:
-            if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-                raise ConfigError(
-                    f"every factor must be a positive int, got {factor!r} in {self.pool_factors!r}",
-                    key="image_tokenizer.pool_factors",
-                )
-        if len(set(self.pool_factors)) != len(self.pool_factors):
-            raise ConfigError(
-                f"factors must be distinct, got {self.pool_factors!r}", key="image_tokenizer.pool_factors"
-            )
-        self.pool_factors = tuple(self.pool_factors)
 
 
 @dataclass

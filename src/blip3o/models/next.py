@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from diffusers import SanaTransformer2DModel
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from blip3o.config.next import NextConfig
+from blip3o.models.heads import tokens_to_map
 from blip3o.models.parts import build_backbone, build_sana
 from blip3o.models.unified import positions_from_mask
 
@@ -267,6 +269,8 @@ class NextOutput:
     """(B, T, V) next-token logits over the extended vocabulary."""
     hidden: Tensor
     """(B, T, H) last-layer hidden states (after the backbone's final norm)."""
+    velocity: Tensor | None = None
+    """(B, c, h, w) SANA's velocity for the given noisy latents, when :meth:`BLIP3oNext.forward` got them."""
 
 
 class BLIP3oNext(nn.Module):
@@ -278,10 +282,21 @@ class BLIP3oNext(nn.Module):
         connector: backbone width → the DiT's ``caption_channels``.
         dit: ``SanaTransformer2DModel``.
         vocab: the image vocabulary (from :func:`add_image_vocabulary` or :meth:`ImageVocab.appended`).
+        spatial: also give the DiT the image-token part of the condition as a map, upsampled to the latent
+            grid and concatenated to its input channels (:attr:`NextConfig.spatial`).
+        reference_latents: the DiT's input also holds a reference image's latents, for editing
+            (:attr:`NextConfig.reference_latents`); zeros when there is none.
     """
 
     def __init__(
-        self, backbone: PreTrainedModel, connector: Connector, dit: SanaTransformer2DModel, vocab: ImageVocab
+        self,
+        backbone: PreTrainedModel,
+        connector: Connector,
+        dit: SanaTransformer2DModel,
+        vocab: ImageVocab,
+        *,
+        spatial: bool = False,
+        reference_latents: bool = False,
     ) -> None:
         super().__init__()
         width = backbone.config.hidden_size
@@ -295,6 +310,14 @@ class BLIP3oNext(nn.Module):
             )
         self.backbone, self.connector, self.dit = backbone, connector, dit
         self.vocab = vocab
+        self.spatial, self.reference_latents = spatial, reference_latents
+        latent = dit.config.out_channels
+        expected = latent * (2 if reference_latents else 1) + (dit.config.caption_channels if spatial else 0)
+        if dit.config.in_channels != expected:
+            raise ValueError(
+                f"the DiT takes {dit.config.in_channels} input channels, but {latent} latent channels with "
+                f"spatial={spatial} and reference_latents={reference_latents} make {expected}"
+            )
 
     @classmethod
     def from_config(cls, cfg: NextConfig, vocab: ImageVocab | None = None) -> BLIP3oNext:
@@ -313,8 +336,10 @@ class BLIP3oNext(nn.Module):
         if backbone.get_input_embeddings().weight.shape[0] < vocab.vocab_size:  # a pretrained checkpoint
             backbone.resize_token_embeddings(vocab.vocab_size)
         connector = Connector(backbone.config.hidden_size, cfg.connector_dim)
-        dit = build_sana(cfg.sana, cfg.latent_channels, cfg.latent_side, cfg.connector_dim)
-        return cls(backbone, connector, dit, vocab)
+        dit = build_sana(
+            cfg.sana, cfg.sana_in_channels, cfg.latent_side, cfg.connector_dim, out_channels=cfg.latent_channels
+        )
+        return cls(backbone, connector, dit, vocab, spatial=cfg.spatial, reference_latents=cfg.reference_latents)
 
     @torch.no_grad()
     def init_image_embeddings(self, codebook_vectors: Tensor, *, generator: torch.Generator | None = None) -> None:
@@ -384,10 +409,28 @@ class BLIP3oNext(nn.Module):
         )
         return out.last_hidden_state
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> NextOutput:
-        """input_ids, attention_mask (B, T) → :class:`NextOutput` (logits (B, T, V), hidden (B, T, H))."""
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        latents: Tensor | None = None,
+        sigma: Tensor | None = None,
+        keep: Tensor | None = None,
+        reference: Tensor | None = None,
+        num_tokens: int | None = None,
+    ) -> NextOutput:
+        """input_ids, attention_mask (B, T) → :class:`NextOutput`: logits (B, T, V), hidden (B, T, H) and,
+        given noisy ``latents`` (B, c, h, w) at ``sigma`` (B,), the velocity conditioned on each row's
+        ``num_tokens`` image tokens (``keep`` and ``reference`` as in :meth:`connect` and :meth:`velocity`).
+        One call, so that a sharded (FSDP) model runs the whole training step inside its forward."""
         hidden = self.hidden_states(input_ids, attention_mask)
-        return NextOutput(logits=self.backbone.get_output_embeddings()(hidden), hidden=hidden)
+        out = NextOutput(logits=self.backbone.get_output_embeddings()(hidden), hidden=hidden)
+        if latents is not None:
+            if sigma is None or num_tokens is None:
+                raise ValueError("noisy latents need their sigma and num_tokens")
+            cond = self.connect(hidden, input_ids, attention_mask, num_tokens, keep)
+            out.velocity = self.velocity(latents, sigma, cond, reference=reference)
+        return out
 
     def connect(
         self,
@@ -420,13 +463,43 @@ class BLIP3oNext(nn.Module):
         zeros = weight.new_zeros(batch_size, 1 + num_tokens, weight.shape[1])
         return self.connector(zeros)
 
-    def velocity(self, latents: Tensor, sigma: Tensor, cond: Tensor, cond_mask: Tensor | None = None) -> Tensor:
+    def velocity(
+        self,
+        latents: Tensor,
+        sigma: Tensor,
+        cond: Tensor,
+        cond_mask: Tensor | None = None,
+        reference: Tensor | None = None,
+    ) -> Tensor:
         """SANA's flow velocity for latents x_σ (B, c, h, w) at σ ∈ [0, 1] (B,) or (), σ = 1 pure noise.
 
-        ``cond`` (B, L, C) from :meth:`condition`; ``cond_mask`` (B, L), 1 where a token may be attended.
-        SANA counts time in [0, 1000]; the factor is applied here so callers only see σ.
+        ``cond`` (B, L, C) from :meth:`condition`; ``cond_mask`` (B, L), 1 where a token may be attended;
+        ``reference`` (B, c, h, w) the latents of the image being edited (zeros when ``None``), used only
+        when the model has reference channels. SANA counts time in [0, 1000]; the factor is applied here
+        so callers only see σ.
         """
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=latents.dtype)
         if sigma.ndim == 0:
             sigma = sigma.expand(latents.shape[0])
-        return self.dit(latents, cond, 1000.0 * sigma, encoder_attention_mask=cond_mask).sample
+        x = latents
+        if self.spatial:  # the N image-token outputs of the connector, as a map on the latent grid
+            grid = F.interpolate(tokens_to_map(cond[:, 1:]), size=latents.shape[-2:], mode="nearest")
+            x = torch.cat([x, grid.to(x.dtype)], dim=1)
+        if self.reference_latents:
+            x = torch.cat([x, torch.zeros_like(latents) if reference is None else reference.to(x.dtype)], dim=1)
+        elif reference is not None:
+            raise ValueError("this model has no reference-latent channels (NextConfig.reference_latents=False)")
+        return self.dit(x, cond, 1000.0 * sigma, encoder_attention_mask=cond_mask).sample
+
+    @torch.no_grad()
+    def load_decoder(self, state: dict[str, Tensor]) -> None:
+        """Start the DiT from a trained pixel decoder's SANA (``state``: its ``dit.*`` weights without the
+        prefix), the shapes-scale "pretrained SANA". The decoder's input channels (latents, then the
+        feature map) fill the first ones here; reference-latent channels keep zero input weights."""
+        own = self.dit.state_dict()
+        key = "patch_embed.proj.weight"
+        weight = own[key].zero_()
+        weight[:, : state[key].shape[1]] = state[key]
+        missing, unexpected = self.dit.load_state_dict({**state, key: weight}, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"the decoder's SANA does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")

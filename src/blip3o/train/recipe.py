@@ -7,10 +7,13 @@ Run directory::
     tokenizer/       the BPE tokenizer trained on the world's text
     clip/ vae/ decoder/ understanding/ generation/   one trainer run per stage (metrics, curves, checkpoints,
                      model.safetensors, summary.json)
+    image_tokenizer/ next/ instruct/   the BLIP3o-NEXT stages (image_tokenizer/codebook.json: codebook usage
+                     and perplexity over held-out images)
     scales.safetensors  statistics that standardise CLIP maps and VAE latents, measured after clip and vae
 
 Stages already finished in the directory are skipped; an interrupted stage resumes from its last
-checkpoint.
+checkpoint. A BLIP3o-NEXT run can take the world, tokenizer and shared stages (clip, vae, decoder) of
+a BLIP3-o run (``reuse``): they are linked, after checking that the two configs agree on them.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from blip3o.config import RunConfig, dump_yaml
-from blip3o.config.recipe import STAGES
+from blip3o.config.io import load_yaml, to_dict
+from blip3o.config.recipe import SHARED_STAGES, STAGES
 from blip3o.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 from blip3o.data.world_data import load_split
 from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, require
 from blip3o.models.build import Encoders, measure_scales, unit_scales
 from blip3o.train.distributed import init_distributed
+from blip3o.train.next_tasks import ImageTokenizerTask, NextTask, codebook_report
 from blip3o.train.tasks import ClipTask, DecoderTask, GenerationTask, StageTask, UnderstandingTask, VAETask
 from blip3o.train.trainer import train
 from blip3o.world.corpus import world_texts
@@ -80,6 +85,28 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
         return DecoderTask(*common, **kwargs)
     if stage == "understanding":
         return UnderstandingTask(*common, **kwargs)
+    if stage == "image_tokenizer":
+        return ImageTokenizerTask(*common, **kwargs, next_cfg=cfg.next)
+    if stage in ("next", "instruct"):
+        image_tokenizer = require(out / "image_tokenizer" / MODEL_FILE, "image_tokenizer")
+        if stage == "next":
+            return NextTask(
+                *common,
+                **kwargs,
+                next_cfg=cfg.next,
+                image_tokenizer=image_tokenizer,
+                decoder=require(out / "decoder" / MODEL_FILE, "decoder"),
+                prompt_fraction=cfg.recipe.next_prompt_fraction,
+            )
+        return NextTask(
+            *common,
+            **kwargs,
+            next_cfg=cfg.next,
+            image_tokenizer=image_tokenizer,
+            init=require(out / "next" / MODEL_FILE, "next"),
+            prompt_fraction=cfg.recipe.instruct_prompt_fraction,
+            curated=cfg.recipe.instruct_per_tag,
+        )
     weight = cfg.recipe.joint_weight if cfg.recipe.training == "joint" else 0.0
     init = require(out / "understanding" / MODEL_FILE, "understanding")
     return GenerationTask(*common, **kwargs, init=init, joint_weight=weight)
@@ -91,11 +118,44 @@ def finished(stage_dir: Path, steps: int) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("steps", -1) >= steps
 
 
-def run_recipe(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+SHARED_FILES = ("world", "tokenizer", *SHARED_STAGES, SCALES_FILE)
+
+
+def link_shared(cfg: RunConfig, out: Path, source: Path) -> list[str]:
+    """Link the world, tokenizer, shared stages and scales of run ``source`` into ``out`` (those ``out``
+    lacks); returns what was linked. Raises ``ValueError`` when the two configs differ in anything these
+    depend on (world, text vocabulary, vision, VAE, decoder, or the shared stages' training)."""
+    theirs = load_yaml(require(source / "config.yaml", "any"), RunConfig)
+
+    def shared(c: RunConfig) -> dict[str, Any]:
+        return {
+            "world": to_dict(c.world),
+            "recipe.vocab_size": c.recipe.vocab_size,
+            **{f"model.{k}": to_dict(getattr(c.model, k)) for k in ("vision", "vae", "decoder")},
+            **{f"recipe.{k}": to_dict(c.recipe.stage(k)) for k in SHARED_STAGES},
+        }
+
+    mine, other = shared(cfg), shared(theirs)
+    differ = [k for k in mine if mine[k] != other[k]]
+    if differ:
+        raise ValueError(f"cannot reuse {source}: its config differs in {', '.join(differ)}")
+    linked = []
+    for name in SHARED_FILES:
+        target, link = (source / name).resolve(), out / name
+        if target.exists() and not link.exists():
+            link.symlink_to(target, target_is_directory=target.is_dir())
+            linked.append(name)
+    return linked
+
+
+def run_recipe(
+    cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True, reuse: str | Path | None = None
+) -> dict[str, Any]:
     """Run the recipe's stages in order into ``out``; returns each stage's summary.
 
     Finished stages are always skipped; a stage interrupted part-way continues from its last checkpoint
-    only with ``resume=True`` (otherwise the trainer refuses the directory and says so).
+    only with ``resume=True`` (otherwise the trainer refuses the directory and says so). ``reuse``: a run
+    whose world, tokenizer and shared stages to link first (:func:`link_shared`).
     """
     out = Path(out)
     multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -103,12 +163,12 @@ def run_recipe(cfg: RunConfig, out: str | Path, *, resume: bool = False, progres
         init_distributed(cfg.recipe.stage(cfg.recipe.stages[0]).device)
     if not multi_rank or dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if reuse is not None:
+            linked = link_shared(cfg, out, Path(reuse))
+            log.info("linked %s from %s", ", ".join(linked) or "nothing", reuse)
         dump_yaml(cfg, out / "config.yaml")
         prepare(cfg, out, progress)
-        if (
-            any(s in cfg.recipe.stages for s in ("decoder", "understanding", "generation"))
-            and (out / "vae" / MODEL_FILE).is_file()
-        ):
+        if any(s in cfg.recipe.stages for s in STAGES[2:]) and (out / "vae" / MODEL_FILE).is_file():
             encoders(cfg, out)
     if multi_rank:
         dist.barrier()
@@ -123,4 +183,10 @@ def run_recipe(cfg: RunConfig, out: str | Path, *, resume: bool = False, progres
             config_to_save=cfg,
             progress=progress,
         )
+        if stage == "image_tokenizer" and (not multi_rank or dist.get_rank() == 0):
+            report = out / stage / "codebook.json"
+            if not report.is_file():
+                stats = codebook_report(cfg, encoders(cfg, out), out / stage / MODEL_FILE, out / "world")
+                report.write_text(json.dumps(stats, indent=1))
+            summaries[stage]["codebook"] = json.loads(report.read_text())
     return summaries

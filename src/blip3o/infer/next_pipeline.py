@@ -1,0 +1,243 @@
+"""The BLIP3o-NEXT pipeline: ``pipe(prompt, …)``, ``pipe.edit(image, instruction, …)``, ``pipe.chat(image, question)``.
+
+Text → image: the prompt (left-padded, ending ``<im_start> <S0>``) → KV-cached AR sampling of exactly N
+image codes (:func:`blip3o.infer.ar_sampling.sample_image_tokens`: top-k/top-p/temperature, optional
+CFG on logits, per-row seeds), which also returns the hidden states of ``<S0>`` and the codes → connector →
+SANA over VAE latents, Euler + CFG with the unconditional and conditional branches in one batch → VAE
+decode. Editing is the same with the reference image's codes in the prompt and its VAE latents as
+SANA's reference channels. Each image's token draws and noise come from its own seed, so a batch of
+prompts gives the same images as the prompts one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from blip3o.config import RunConfig, load_yaml
+from blip3o.data.next_inputs import image_prompts, text_rows
+from blip3o.data.processing import to_images, to_pixels
+from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
+from blip3o.diffusion.sampler import euler_sample
+from blip3o.infer.ar_sampling import sample_image_tokens
+from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, require, seeded_noise
+from blip3o.models.build import Encoders, load_weights
+from blip3o.models.heads import map_to_tokens
+from blip3o.models.image_tokenizer import ImageTokenizer
+from blip3o.models.next import BLIP3oNext, add_image_vocabulary
+from blip3o.train.next_tasks import build_image_tokenizer
+
+NOISE_OFFSET = 7919
+"""Added to an image's seed for its SANA noise, so token draws and latent noise are independent streams."""
+
+
+class NextPipeline:
+    """Generation, editing and understanding with a trained BLIP3o-NEXT run (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: BLIP3oNext,
+        tokenizer: PreTrainedTokenizerBase,
+        image_tokenizer: ImageTokenizer,
+        encoders: Encoders,
+    ) -> None:
+        if cfg.next is None:
+            raise ValueError("a NextPipeline needs a config with a next section")
+        self.cfg, self.next = cfg, cfg.next
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.image_tokenizer, self.encoders = image_tokenizer.eval(), encoders
+
+    @classmethod
+    def from_run(cls, run: str | Path) -> NextPipeline:
+        """Load a trained run directory (its instruct stage, else its next stage)."""
+        run = Path(run)
+        cfg = load_yaml(require(run / "config.yaml", "any"), RunConfig)
+        if cfg.next is None:
+            raise ValueError(f"{run} is not a BLIP3o-NEXT run (its config has no next section)")
+        tokenizer = load_tokenizer(run / "tokenizer")
+        text_vocab = len(tokenizer)
+        vocab = add_image_vocabulary(tokenizer, cfg.next.codebook_size, cfg.next.num_scales)
+        from safetensors.torch import load_file
+
+        enc = Encoders.from_weights(
+            cfg.model,
+            text_vocab,
+            require(run / "clip" / MODEL_FILE, "clip"),
+            require(run / "vae" / MODEL_FILE, "vae"),
+            load_file(str(require(run / SCALES_FILE, "clip and vae"))),
+        )
+        image_tokenizer = build_image_tokenizer(cfg.next, cfg.model)
+        load_weights(image_tokenizer, require(run / "image_tokenizer" / MODEL_FILE, "image_tokenizer"))
+        model = BLIP3oNext.from_config(cfg.next, vocab)
+        stage = "instruct" if (run / "instruct" / MODEL_FILE).is_file() else "next"
+        load_weights(model, require(run / stage / MODEL_FILE, stage))
+        return cls(cfg, model, tokenizer, image_tokenizer, enc)
+
+    @torch.no_grad()
+    def codes(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """Image codes (B, N) of PIL images (or pixels (B, 3, H, W) in [-1, 1])."""
+        pixels = images if isinstance(images, torch.Tensor) else to_pixels(images, self.cfg.model.vision.image_size)
+        return self.image_tokenizer.encode(map_to_tokens(self.encoders.clip(pixels)))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_images: int = 1,
+        seed: int | Sequence[int] = 0,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = -1,
+        top_p: float | None = None,
+        ar_guidance_scale: float | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Images for each prompt (``num_images`` each, prompt-major); ``seed`` one int or one per prompt,
+        image k of a prompt with seed s uses seed s + k. Sampling settings default to the config's
+        (``top_k=-1`` means the config's; ``None`` keeps every code)."""
+        prompts, seeds = self._expand(prompt, seed, num_images)
+        return self._images(
+            prompts,
+            seeds,
+            None,
+            None,
+            guidance_scale,
+            num_inference_steps,
+            temperature,
+            top_k,
+            top_p,
+            ar_guidance_scale,
+            progress,
+        )
+
+    @torch.no_grad()
+    def edit(
+        self,
+        image: Image.Image | Sequence[Image.Image],
+        instruction: str | Sequence[str],
+        num_images: int = 1,
+        seed: int | Sequence[int] = 0,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = -1,
+        top_p: float | None = None,
+        ar_guidance_scale: float | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Edited images: one image and instruction, or one instruction per image (same conventions as
+        :meth:`__call__`)."""
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        instructions = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
+        if len(instructions) != len(images):
+            raise ValueError(f"got {len(instructions)} instructions for {len(images)} images")
+        prompts, seeds = self._expand(instructions, seed, num_images)
+        pixels = to_pixels(images, self.cfg.model.vision.image_size).repeat_interleave(num_images, dim=0)
+        return self._images(
+            prompts,
+            seeds,
+            self.codes(pixels),
+            self.encoders.latents(pixels),
+            guidance_scale,
+            num_inference_steps,
+            temperature,
+            top_k,
+            top_p,
+            ar_guidance_scale,
+            progress,
+        )
+
+    @staticmethod
+    def _expand(prompt: str | Sequence[str], seed: int | Sequence[int], num_images: int) -> tuple[list[str], list[int]]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one int or one per prompt")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        return [p for p in prompts for _ in range(num_images)], [s + k for s in seeds for k in range(num_images)]
+
+    def _images(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        reference_codes: torch.Tensor | None,
+        reference_latents: torch.Tensor | None,
+        guidance_scale: float | None,
+        steps: int | None,
+        temperature: float | None,
+        top_k: int | None,
+        top_p: float | None,
+        ar_guidance_scale: float | None,
+        progress: bool,
+    ) -> list[Image.Image]:
+        cfg, vocab = self.next, self.model.vocab
+        refs = None if reference_codes is None else reference_codes.tolist()
+        ids, mask = image_prompts(self.tokenizer, vocab, prompts, refs)
+        ar_scale = cfg.ar_guidance_scale if ar_guidance_scale is None else ar_guidance_scale
+        uncond = {}
+        if ar_scale != 1.0:
+            u_ids, u_mask = image_prompts(self.tokenizer, vocab, [""] * len(prompts), refs)
+            uncond = {"uncond_input_ids": u_ids, "uncond_attention_mask": u_mask, "guidance_scale": ar_scale}
+        sample = sample_image_tokens(
+            self.model.backbone,
+            ids,
+            mask,
+            cfg.image_tokens,
+            vocab.code_range,
+            temperature=cfg.temperature if temperature is None else temperature,
+            top_k=cfg.top_k if top_k == -1 else top_k,
+            top_p=cfg.top_p if top_p is None else top_p,
+            seeds=seeds,
+            prompt_hidden=1,  # <S0>
+            **uncond,
+        )
+        cond = self.model.connector(sample.hidden)  # (B, 1 + N, C)
+        null = self.model.null_condition(len(prompts), cfg.image_tokens)
+        ref = reference_latents if cfg.reference_latents else None
+        noise = seeded_noise(cfg.latent_shape, [s + NOISE_OFFSET for s in seeds])
+        latents = euler_sample(
+            lambda x, sigma, c: self.model.velocity(x, sigma, c[0], reference=c[1]),
+            noise,
+            (cond, ref),
+            uncond=(null, ref),
+            num_steps=steps or cfg.steps,
+            guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+            progress=progress,
+        )
+        return to_images(self.encoders.decode(latents))
+
+    @torch.no_grad()
+    def chat(
+        self, image: Image.Image | Sequence[Image.Image], question: str | Sequence[str], max_new_tokens: int = 48
+    ) -> str | list[str]:
+        """Answer questions about images, read as image codes (greedy, KV-cached ``generate``)."""
+        single = isinstance(question, str)
+        images = [image] if single else list(image)
+        questions = [question] if single else list(question)
+        rows = text_rows(self.tokenizer, self.model.vocab, self.codes(images), questions)
+        out = self.model.backbone.generate(
+            input_ids=rows["input_ids"],
+            attention_mask=rows["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.tokenizer.convert_tokens_to_ids(IM_END_TOKEN),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new = out[:, rows["input_ids"].shape[1] :]
+        answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        return answers[0] if single else answers
+
+
+def load_pipeline(run: str | Path):
+    """The pipeline a run's config calls for: :class:`NextPipeline` for BLIP3o-NEXT, else BLIP3oPipeline."""
+    from blip3o.infer.pipeline import BLIP3oPipeline
+
+    cfg = load_yaml(require(Path(run) / "config.yaml", "any"), RunConfig)
+    return (NextPipeline if cfg.next is not None else BLIP3oPipeline).from_run(run)

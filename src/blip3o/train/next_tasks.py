@@ -1,0 +1,225 @@
+"""The BLIP3o-NEXT stages on the shapes world, after the shared ``clip``, ``vae`` and ``decoder`` stages.
+
+- ``image_tokenizer``: a SimVQ tokenizer over the frozen mini-CLIP's standardised 8×8 feature map
+  (:class:`blip3o.models.image_tokenizer.ImageTokenizer`), trained to reconstruct the features; logs
+  codebook usage and perplexity per batch.
+- ``next``: the AR backbone writes the image's codes after the prompt (cross-entropy) and the hidden
+  states of the scale token and codes condition the pixel decoder's SANA over VAE latents (flow
+  matching), which starts from the ``decoder`` stage and stays frozen but for ``NextConfig.train_sana``.
+  Rows mix text-to-image on captions, edit triplets (reference codes in the prompt, reference latents
+  into SANA) and image → text.
+- ``instruct``: the same losses from the ``next`` weights on a curated set, the shapes analogue of
+  BLIP3o-60k: an equal number of scenes per GenEval tag, each asked for by its GenEval-style prompt
+  or by its caption (``prompt_fraction``).
+
+Image codes and VAE latents of the training images are computed once when the task is built (the
+encoders are frozen), so a step only runs the trained model.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from blip3o.config.next import NextConfig
+from blip3o.data.next_inputs import image_rows, text_rows
+from blip3o.data.processing import to_pixels
+from blip3o.data.world_data import load_split
+from blip3o.diffusion.flow import flow_loss
+from blip3o.models.build import Encoders, load_weights
+from blip3o.models.heads import map_to_tokens
+from blip3o.models.image_tokenizer import ImageTokenizer, codebook_usage, perplexity
+from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary
+from blip3o.train.tasks import DESCRIBE, StageTask, causal_lm_loss, flow_step
+
+
+def build_image_tokenizer(cfg: NextConfig, enc_cfg) -> ImageTokenizer:
+    """The image tokenizer of a NEXT config over the mini-CLIP's generation-target map."""
+    return ImageTokenizer(cfg.tokenizer_config(), enc_cfg.vision.hidden_size, enc_cfg.vision.target_grid)
+
+
+@torch.no_grad()
+def encode_images(
+    images: torch.Tensor, enc: Encoders, image_tokenizer: ImageTokenizer | None, chunk: int = 256
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Codes (N, n) (None without a tokenizer) and standardised VAE latents (N, c, h, w) of uint8 images."""
+    codes, latents = [], []
+    for start in range(0, len(images), chunk):
+        pixels = to_pixels(images[start : start + chunk])
+        if image_tokenizer is not None:
+            codes.append(image_tokenizer.encode(map_to_tokens(enc.clip(pixels))))
+        latents.append(enc.latents(pixels))
+    return (torch.cat(codes) if codes else None), torch.cat(latents)
+
+
+@torch.no_grad()
+def codebook_report(cfg, enc: Encoders, weights: str | Path, world: str | Path) -> dict[str, float]:
+    """Codebook usage (share of codes used), perplexity (exp of the code-frequency entropy) and feature
+    reconstruction MSE of a trained image tokenizer over the held-out images of a world."""
+    tokenizer = load_weights(build_image_tokenizer(cfg.next, cfg.model), weights).eval()
+    images = load_split(world, "heldout").images
+    features = torch.cat([map_to_tokens(enc.clip(to_pixels(images[s : s + 256]))) for s in range(0, len(images), 256)])
+    ids = tokenizer.encode(features)
+    k = cfg.next.codebook_size
+    return {
+        "images": len(images),
+        "codebook_size": k,
+        "usage": float(codebook_usage(ids, k)),
+        "perplexity": float(perplexity(ids, k)),
+        "reconstruction_mse": float(torch.nn.functional.mse_loss(tokenizer.decode(ids), features)),
+    }
+
+
+class ImageTokenizerTask(StageTask):
+    """SimVQ image tokenizer on standardised CLIP maps: reconstruction + codebook + commitment losses."""
+
+    def __init__(self, *args: Any, next_cfg: NextConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.next_cfg = next_cfg
+
+    def build_model(self) -> nn.Module:
+        return build_image_tokenizer(self.next_cfg, self.cfg)
+
+    def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
+        pixels = to_pixels(self.data.images[self.indices(step, micro, rank, world_size)])
+        return {"features": map_to_tokens(self.enc.clip(pixels))}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = model(batch["features"])
+        k = self.next_cfg.codebook_size
+        return {
+            "loss": out.loss,
+            "reconstruction": out.reconstruction_loss.detach(),
+            "commit": out.commit_loss.detach(),
+            "usage": codebook_usage(out.ids, k),
+            "perplexity": perplexity(out.ids, k),
+        }
+
+
+def curated_indices(meta: list[dict[str, Any]], per_tag: int, seed: int) -> list[int]:
+    """Up to ``per_tag`` scenes of each GenEval tag, drawn with ``seed``: a tag-balanced instruction set."""
+    by_tag: dict[str, list[int]] = defaultdict(list)
+    for i, m in enumerate(meta):
+        by_tag[m["metadata"]["tag"]].append(i)
+    rng = random.Random(seed)
+    picked = [i for tag in sorted(by_tag) for i in rng.sample(by_tag[tag], min(per_tag, len(by_tag[tag])))]
+    return sorted(picked)
+
+
+class NextTask(StageTask):
+    """BLIP3o-NEXT training (stages ``next`` and ``instruct``; see the module docstring).
+
+    Args (besides :class:`StageTask`'s):
+        next_cfg: the model and its row mix.
+        image_tokenizer: weights of the ``image_tokenizer`` stage.
+        decoder: weights of the ``decoder`` stage (the SANA to start from); used when ``init`` is None.
+        init: weights of an earlier NEXT stage to continue from (the ``instruct`` stage).
+        prompt_fraction: share of image rows asked for by the GenEval-style prompt rather than the caption.
+        curated: scenes per GenEval tag to train on (None: every training scene).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        next_cfg: NextConfig,
+        image_tokenizer: str | Path,
+        decoder: str | Path | None = None,
+        init: str | Path | None = None,
+        prompt_fraction: float = 0.0,
+        curated: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.next_cfg, self.decoder, self.init, self.prompt_fraction = next_cfg, decoder, init, prompt_fraction
+        self.vocab: ImageVocab = add_image_vocabulary(self.tokenizer, next_cfg.codebook_size, next_cfg.num_scales)
+        self.image_tokenizer = load_weights(build_image_tokenizer(next_cfg, self.cfg), image_tokenizer).eval()
+        n = self.image_tokenizer.num_tokens(0)
+        if n != next_cfg.image_tokens:
+            raise ValueError(f"next.image_tokens is {next_cfg.image_tokens} but the image tokenizer writes {n}")
+        self.codes, self.latents = encode_images(self.data.images, self.enc, self.image_tokenizer)
+        self.edit_codes, self.edit_latents = encode_images(self.data.edit_images, self.enc, self.image_tokenizer)
+        self.edit_of = {scene: j for j, scene in enumerate(self.data.edited)}
+        self.pool = curated_indices(self.data.meta, curated, self.seed) if curated else None
+
+    def build_model(self) -> nn.Module:
+        model = BLIP3oNext.from_config(self.next_cfg, self.vocab)
+        if self.init is not None:
+            return load_weights(model, self.init)
+        if self.decoder is None:
+            raise ValueError("the next stage starts SANA from the decoder stage's weights; none given")
+        model.load_decoder({k[4:]: v for k, v in load_file(str(self.decoder)).items() if k.startswith("dit.")})
+        model.init_image_embeddings(self.image_tokenizer.quantizer.codes())
+        return model
+
+    def indices(self, step: int, micro: int, rank: int, world_size: int) -> list[int]:
+        idx = super().indices(step, micro, rank, world_size)
+        return idx if self.pool is None else [self.pool[i % len(self.pool)] for i in idx]
+
+    def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
+        cfg = self.next_cfg
+        rng = random.Random(f"{self.seed}-next-{step}-{micro}-{rank}")
+        t2i, edits, und = [], [], []
+        for i in self.indices(step, micro, rank, world_size):
+            r = rng.random()
+            if r < cfg.edit_fraction and i in self.edit_of:
+                edits.append(i)
+            elif cfg.edit_fraction <= r < cfg.edit_fraction + cfg.understanding_fraction:
+                und.append(i)
+            else:
+                t2i.append(i)
+        out: dict[str, Any] = {"seed": self.generator(step, micro, rank)}
+        if t2i or edits:
+            meta = self.data.meta
+            texts = [meta[i]["prompt"] if rng.random() < self.prompt_fraction else meta[i]["caption"] for i in t2i]
+            texts += [meta[i]["edit"]["instruction"] for i in edits]
+            j = [self.edit_of[i] for i in edits]
+            codes = torch.cat([self.codes[t2i], self.edit_codes[j]])
+            refs = [None] * len(t2i) + self.codes[edits].tolist()
+            out["image"] = image_rows(self.tokenizer, self.vocab, texts, codes, refs, cfg.train_prompt_text)
+            out["latents"] = torch.cat([self.latents[t2i], self.edit_latents[j]])
+            reference = torch.zeros_like(out["latents"])
+            reference[len(t2i) :] = self.latents[edits]
+            out["reference"] = reference
+        if und:
+            questions, answers = [], []
+            for i in und:
+                qa = self.data.meta[i]["qa"]
+                pair = rng.choice(qa) if qa and rng.random() < 0.75 else {"question": DESCRIBE, "answer": None}
+                questions.append(pair["question"])
+                answers.append(pair["answer"] or self.data.meta[i]["caption"])
+            out["text"] = text_rows(self.tokenizer, self.vocab, self.codes[und], questions, answers)
+        return out
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        cfg = self.next_cfg
+        zero = torch.zeros(())
+        ce, flow, text = zero, zero, zero
+        if "image" in batch:
+            rows = batch["image"]
+            sigma, x_t, target, keep = flow_step(cfg.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"])
+            out = model(
+                rows["input_ids"],
+                rows["attention_mask"],
+                latents=x_t,
+                sigma=sigma,
+                keep=keep,
+                reference=batch["reference"] if cfg.reference_latents else None,
+                num_tokens=cfg.image_tokens,
+            )
+            ce = causal_lm_loss(out.logits, rows["labels"])
+            flow = flow_loss(out.velocity, target)
+        if "text" in batch:
+            rows = batch["text"]
+            text = causal_lm_loss(model(rows["input_ids"], rows["attention_mask"]).logits, rows["labels"])
+        return {
+            "loss": cfg.ce_weight * (ce + text) + cfg.flow_weight * flow,
+            "ce": ce.detach(),
+            "flow": flow.detach(),
+            "text": text.detach(),
+        }

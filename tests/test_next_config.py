@@ -1,0 +1,50 @@
+"""BLIP3o-NEXT configuration: run-level checks, presets wired to the shared parts, and sampling settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from blip3o.config import RunConfig
+from blip3o.config.checks import ConfigError
+from blip3o.config.io import apply_overrides, dumps_yaml, from_dict, to_dict
+from blip3o.config.next import NextConfig, shapes_next
+from blip3o.config.presets import resolve
+from blip3o.config.recipe import RecipeConfig
+
+
+def test_next_stages_need_a_next_model():
+    with pytest.raises(ConfigError, match=r"recipe\.stages: stages \['image_tokenizer', 'next'\] need a BLIP3o-NEXT"):
+        RunConfig(recipe=RecipeConfig(stages=["clip", "image_tokenizer", "next"]))
+    with pytest.raises(ConfigError, match="stages must keep the order"):
+        RunConfig(next=shapes_next(), recipe=RecipeConfig(stages=["next", "image_tokenizer"]))
+
+
+@pytest.mark.parametrize("name", ["shapes-next", "tiny-next"])
+def test_next_presets_match_their_shared_parts(name):
+    cfg = resolve(name)
+    model, nxt = cfg.model, cfg.next
+    assert nxt.image_tokens == model.vision.target_grid**2
+    assert nxt.connector_dim == model.vision.hidden_size
+    assert nxt.sana == model.decoder.dit
+    assert (nxt.latent_channels, nxt.latent_side, nxt.latent_side) == model.latent_shape
+    assert nxt.sana_in_channels == 2 * nxt.latent_channels + nxt.connector_dim
+    assert cfg.recipe.stages == ["clip", "vae", "decoder", "image_tokenizer", "next", "instruct"]
+    for stage in ("next", "instruct"):
+        assert cfg.recipe.stage(stage).trainable == ["backbone", "connector", *(f"dit.{p}" for p in nxt.train_sana)]
+    # A run config round-trips through YAML with its next section.
+    assert from_dict(RunConfig, to_dict(cfg)) == cfg
+    assert "next:" in dumps_yaml(cfg)
+
+
+def test_next_overrides_and_errors():
+    cfg = apply_overrides(resolve("shapes-next"), ["next.top_k=50", "next.temperature=0.7"])
+    assert (cfg.next.top_k, cfg.next.temperature) == (50, 0.7)
+    with pytest.raises(ConfigError, match=r"next\.top_p"):
+        NextConfig(top_p=1.5)
+    with pytest.raises(ConfigError, match=r"edit_fraction \+ understanding_fraction"):
+        NextConfig(edit_fraction=0.7, understanding_fraction=0.5)
+    with pytest.raises(ConfigError, match=r"next\.pool_factors: needs one pool factor per scale token"):
+        NextConfig(num_scales=2)
+    with pytest.raises(ConfigError, match=r"next\.spatial: spatial conditioning needs a square"):
+        NextConfig(spatial=True, image_tokens=15)
+    assert NextConfig(num_scales=2, pool_factors=[1, 2]).tokenizer_config().pool_factors == (1, 2)

@@ -1,0 +1,191 @@
+"""BLIP3o-NEXT end to end on a tiny run: rows, stages, freezing, the pipeline (generate, edit, chat), the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blip3o.cli import main
+from blip3o.config import dump_yaml
+from blip3o.config.presets import resolve
+from blip3o.data.next_inputs import image_prompt, image_rows, text_rows
+from blip3o.data.processing import IGNORE
+from blip3o.data.tokenizer import load_tokenizer
+from blip3o.infer.next_pipeline import NextPipeline, load_pipeline
+from blip3o.models.heads import PixelDecoder
+from blip3o.models.next import BLIP3oNext, add_image_vocabulary, condition_positions
+from blip3o.train.recipe import link_shared, run_recipe
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("next") / "run"
+    summaries = run_recipe(resolve("tiny-next"), out, progress=False)
+    return out, summaries
+
+
+@pytest.fixture(scope="module")
+def pipe(run):
+    return load_pipeline(run[0])
+
+
+def _vocab(run_dir, k=64):
+    tok = load_tokenizer(run_dir / "tokenizer")
+    return tok, add_image_vocabulary(tok, k, 1)
+
+
+def test_rows_label_only_the_image_and_keep_the_reference_out_of_the_condition(run):
+    tok, vocab = _vocab(run[0])
+    target = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
+    rows = image_rows(tok, vocab, ["a red circle", "make the star blue"], target, [None, [7, 7, 8, 8]])
+    for r in range(2):
+        labelled = rows["labels"][r][rows["labels"][r] != IGNORE].tolist()
+        assert labelled == [vocab.first_code_id + c for c in target[r].tolist()] + [vocab.im_end]
+    cond = condition_positions(rows["input_ids"], rows["attention_mask"], vocab)
+    picked = [rows["input_ids"][r][cond[r]].tolist() for r in range(2)]
+    assert picked == [[vocab.scale_ids[0], *(vocab.first_code_id + c for c in target[r].tolist())] for r in range(2)]
+    # The edit row reads the reference codes (no scale token) before the instruction.
+    edit = image_prompt(tok, vocab, "make the star blue", [7, 7, 8, 8])
+    start = edit.index(vocab.im_start)
+    assert edit[start : start + 6] == [vocab.im_start, *(vocab.first_code_id + c for c in (7, 7, 8, 8)), vocab.im_end]
+    assert edit[-2:] == [vocab.im_start, vocab.scale_ids[0]]
+    # Text rows: the answer (and its end-of-turn) is all that is labelled.
+    text = text_rows(tok, vocab, target, ["What color is the circle?"] * 2, ["red", "blue"])
+    labelled = text["labels"][0][text["labels"][0] != IGNORE].tolist()
+    assert tok.decode(labelled, skip_special_tokens=True).strip() == "red"
+    assert vocab.first_code_id + 3 in text["input_ids"][0].tolist()
+
+
+def test_recipe_trains_the_tokenizer_and_keeps_sana_frozen_but_its_listed_parts(run):
+    out, summaries = run
+    assert list(summaries) == ["clip", "vae", "decoder", "image_tokenizer", "next", "instruct"]
+    book = json.loads((out / "image_tokenizer" / "codebook.json").read_text())
+    assert 0 < book["usage"] <= 1 and 1 <= book["perplexity"] <= 64
+    decoder = load_file(str(out / "decoder" / "model.safetensors"))
+    for stage in ("next", "instruct"):
+        weights = load_file(str(out / stage / "model.safetensors"))
+        for key, value in decoder.items():
+            name = key.removeprefix("dit.")
+            if name.startswith(("caption_projection", "caption_norm", "patch_embed")):
+                continue
+            torch.testing.assert_close(weights[f"dit.{name}"], value, rtol=0, atol=0)
+        # The listed parts did train: the patch embedding's decoder channels moved.
+        moved = weights["dit.patch_embed.proj.weight"][:, : decoder["dit.patch_embed.proj.weight"].shape[1]]
+        assert not torch.equal(moved, decoder["dit.patch_embed.proj.weight"])
+    nxt, ins = (load_file(str(out / s / "model.safetensors")) for s in ("next", "instruct"))
+    assert not torch.equal(
+        nxt["backbone.model.layers.0.mlp.up_proj.weight"], ins["backbone.model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_sana_starts_as_the_pixel_decoder(run):
+    """From the decoder's weights, the NEXT velocity with the condition's image part equal to CLIP tokens
+    (and its scale token masked out) is the pixel decoder's velocity, with or without a reference."""
+    out, _ = run
+    cfg = resolve("tiny-next")
+    _, vocab = _vocab(out, cfg.next.codebook_size)
+    c, side, _ = cfg.model.latent_shape
+    decoder = PixelDecoder(cfg.model.decoder, c, side, cfg.model.vision.hidden_size)
+    decoder.load_state_dict(load_file(str(out / "decoder" / "model.safetensors")))
+    model = BLIP3oNext.from_config(cfg.next, vocab)
+    model.load_decoder({k[4:]: v for k, v in load_file(str(out / "decoder" / "model.safetensors")).items()})
+    g = torch.Generator().manual_seed(0)
+    x, tokens = torch.randn(2, c, side, side, generator=g), torch.randn(2, cfg.next.image_tokens, 64, generator=g)
+    sigma = torch.tensor([0.3, 0.8])
+    cond = torch.cat([torch.randn(2, 1, 64, generator=g), tokens], dim=1)
+    mask = torch.ones(2, cond.shape[1])
+    mask[:, 0] = 0
+    with torch.no_grad():
+        want = decoder(x, sigma, tokens)
+        got = model.velocity(x, sigma, cond, cond_mask=mask)
+        with_ref = model.velocity(x, sigma, cond, cond_mask=mask, reference=torch.randn(x.shape, generator=g))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(with_ref, want, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_prompts_match_one_at_a_time(pipe):
+    prompts = ["a photo of a red circle", "a photo of two blue stars and a green square"]
+    batch = pipe(prompts, num_images=2, seed=[5, 9])
+    alone = [im for p, s in zip(prompts, [5, 9], strict=True) for im in pipe(p, num_images=2, seed=s)]
+    for a, b in zip(batch, alone, strict=True):
+        np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), atol=1)
+    assert batch[0].size == (32, 32)
+    assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[1]))  # seed s and s + 1 differ
+
+
+def test_edit_depends_on_the_reference_image(pipe, run):
+    from blip3o.data.world_data import load_split
+
+    data = load_split(run[0] / "world", "heldout")
+    scenes = [data.edited[0], data.edited[1]]
+    from blip3o.data.processing import to_images
+
+    images = to_images(data.images[scenes].float().div(127.5).sub(1))
+    same = pipe.edit([images[0], images[1]], "make the red circle blue", seed=[3, 3])
+    again = pipe.edit(images[0], "make the red circle blue", seed=3)
+    np.testing.assert_allclose(np.asarray(same[0], dtype=float), np.asarray(again[0], dtype=float), atol=1)
+    assert not np.array_equal(np.asarray(same[0]), np.asarray(same[1]))
+    assert isinstance(pipe.chat(images[0], "What color is the circle?"), str)
+    with pytest.raises(ValueError, match="instructions for"):
+        pipe.edit(images, ["a", "b", "c"])
+
+
+def test_load_pipeline_picks_the_model_of_the_run(pipe, tmp_path, run):
+    assert isinstance(pipe, NextPipeline)
+    with pytest.raises(FileNotFoundError, match=r"config\.yaml"):
+        load_pipeline(tmp_path)
+    (tmp_path / "blip3o").mkdir()
+    dump_yaml(resolve("tiny-debug"), tmp_path / "blip3o" / "config.yaml")
+    with pytest.raises(ValueError, match="not a BLIP3o-NEXT run"):
+        NextPipeline.from_run(tmp_path / "blip3o")
+
+
+def test_reuse_links_shared_stages_and_refuses_a_different_config(run, tmp_path):
+    out, _ = run
+    cfg = resolve("tiny-next")
+    linked = link_shared(cfg, tmp_path, out)
+    assert set(linked) == {"world", "tokenizer", "clip", "vae", "decoder", "scales.safetensors"}
+    assert (tmp_path / "clip").resolve() == (out / "clip").resolve()
+    other = tmp_path / "other"
+    other.mkdir()
+    dump_yaml(
+        replace(cfg, model=replace(cfg.model, vae=replace(cfg.model.vae, latent_channels=8))), other / "config.yaml"
+    )
+    with pytest.raises(ValueError, match=r"differs in model\.vae"):
+        link_shared(cfg, tmp_path / "new", other)
+
+
+def test_cli_generate_edit_and_eval_edit(run, tmp_path, capsys):
+    out, _ = run
+    assert main(["generate", str(out), "--prompt", "a red circle", "-n", "2", "--out", str(tmp_path / "g")]) == 0
+    image = tmp_path / "g" / "0000.png"
+    assert (
+        main(
+            [
+                "edit",
+                str(out),
+                "--image",
+                str(image),
+                "--prompt",
+                "make the red circle blue",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "e" / "0000.png").is_file()
+    assert main(["eval", "edit", str(out), "--limit", "3", "--out", str(tmp_path / "ev")]) == 0
+    lines = (tmp_path / "ev" / "edit_results.jsonl").read_text().splitlines()
+    summary = json.loads(lines[-1])["summary"]
+    assert summary["n"] == 3 and len(lines) == 4
+    assert 0 <= summary["edit_accuracy"] <= 1 and 0 <= summary["consistency"] <= 1
+    assert len(list((tmp_path / "ev" / "images").glob("*_edit.png"))) == 3
