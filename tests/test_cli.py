@@ -95,6 +95,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "GenEval scores" in html and (out / "config.yaml").is_file()
     assert "BLIP3-o trained on the world" in html and "generated: color_attr" in html and "curves-generation" in html
     assert 0.0 <= final["blip3o"]["geneval"]["overall"] <= 1.0 and final["blip3o"]["vqa"]["questions"] > 0
+    assert "BLIP3o-NEXT trained on the world" in html and "NEXT generated: counting" in html and "Editing" in html
+    assert final["next"]["edit"]["n"] > 0 and 0.0 <= final["next"]["geneval"]["overall"] <= 1.0
+    assert (out / "next" / "clip").is_symlink() and (out / "next" / "instruct" / "model.safetensors").is_file()
     n_images = len(list((out / "report" / "img").glob("*.png")))
     assert n_images >= 12
     # a second run reuses the world

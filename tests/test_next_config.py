@@ -10,6 +10,7 @@ from blip3o.config.io import apply_overrides, dumps_yaml, from_dict, to_dict
 from blip3o.config.next import NextConfig, shapes_next
 from blip3o.config.presets import resolve
 from blip3o.config.recipe import RecipeConfig
+from blip3o.train.recipe import stage_config
 
 
 def test_next_stages_need_a_next_model():
@@ -30,7 +31,10 @@ def test_next_presets_match_their_shared_parts(name):
     assert nxt.sana_in_channels == 2 * nxt.latent_channels + nxt.connector_dim
     assert cfg.recipe.stages == ["clip", "vae", "decoder", "image_tokenizer", "next", "instruct"]
     for stage in ("next", "instruct"):
-        assert cfg.recipe.stage(stage).trainable == ["backbone", "connector", *(f"dit.{p}" for p in nxt.train_sana)]
+        expected = ["backbone", "connector", *(f"dit.{p}" for p in nxt.train_sana)]
+        assert stage_config(cfg, stage).trainable == expected
+    everything = apply_overrides(cfg, ["next.train_sana=[caption_projection,transformer_blocks]"])
+    assert stage_config(everything, "next").trainable[2:] == ["dit.caption_projection", "dit.transformer_blocks"]
     # A run config round-trips through YAML with its next section.
     assert from_dict(RunConfig, to_dict(cfg)) == cfg
     assert "next:" in dumps_yaml(cfg)

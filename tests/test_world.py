@@ -278,3 +278,18 @@ def test_shape_swapped_changes_exactly_one_class(seed):
     plurals = {P.plural(s) for s in SHAPES}
     assert (a.rstrip(",.") in plurals) == (b.rstrip(",.") in plurals)
     assert P.shape_swapped("An empty grey background.", rng) == "An empty grey background."
+
+
+def test_caption_objects_reads_back_every_object_and_its_place():
+    from blip3o.world.samples import caption, caption_objects, region_cell, scene_sample
+
+    rng = random.Random(3)
+    records = [r for tag in TAGS for r in P.prompt_pool(tag)]
+    checked = 0
+    for i in range(200):
+        sample = scene_sample(f"k{i}", rng.choice(records), 64, rng)
+        objects = [Obj(o["class"], o["color"], o["cx"], o["cy"], o["s"]) for o in sample.meta["objects"]]
+        assert caption_objects(sample.meta["caption"]) == [(o.color, o.shape, *region_cell(o)) for o in objects]
+        assert caption(objects) == sample.meta["caption"]
+        checked += len(objects)
+    assert checked > 200

@@ -21,6 +21,14 @@ def _overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. world.size=128")
 
 
+def _stage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stage",
+        choices=["next", "instruct"],
+        help="BLIP3o-NEXT runs: the weights of this stage (default: the last trained)",
+    )
+
+
 def _world_make(args: argparse.Namespace) -> int:
     from blip3o.world.shards import make_world
 
@@ -69,7 +77,9 @@ def _eval_geneval(args: argparse.Namespace) -> int:
         run = Path(args.imagedir)
         cfg = apply_overrides(load_yaml(run / "config.yaml", RunConfig), args.overrides)
         out = Path(args.out) if args.out else run / "eval" / "geneval"
-        summary = geneval_run(load_pipeline(run), run / "world", cfg.eval, out)
+        pipe = load_pipeline(run, args.stage)
+        pipe.apply_sampling(cfg)  # sampling overrides (steps, guidance, top-k …) reach the pipeline
+        summary = geneval_run(pipe, run / "world", cfg.eval, out)
         print(format_table(summary))
         print(f"images and results: {out}")
         print(json.dumps(summary))
@@ -144,7 +154,7 @@ def _save_images(images: list, out: str) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from blip3o.infer.next_pipeline import load_pipeline
 
-    pipe = load_pipeline(args.run)
+    pipe = load_pipeline(args.run, args.stage)
     images = pipe(
         args.prompt,
         num_images=args.n,
@@ -156,14 +166,19 @@ def _generate(args: argparse.Namespace) -> int:
     return _save_images(images, args.out)
 
 
+def _editing_pipeline(run: str, stage: str | None):
+    from blip3o.infer.next_pipeline import NextPipeline, load_pipeline
+
+    pipe = load_pipeline(run, stage)
+    if not isinstance(pipe, NextPipeline):
+        raise SystemExit(f"{run} is a BLIP3-o run; editing needs a BLIP3o-NEXT run (`blip3o train shapes-next`)")
+    return pipe
+
+
 def _edit(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from blip3o.infer.next_pipeline import NextPipeline, load_pipeline
-
-    pipe = load_pipeline(args.run)
-    if not isinstance(pipe, NextPipeline):
-        raise SystemExit(f"{args.run} is a BLIP3-o run; editing needs a BLIP3o-NEXT run (`blip3o train shapes-next`)")
+    pipe = _editing_pipeline(args.run, args.stage)
     images = pipe.edit(
         Image.open(args.image),
         args.prompt,
@@ -179,11 +194,8 @@ def _edit(args: argparse.Namespace) -> int:
 def _eval_edit(args: argparse.Namespace) -> int:
     from blip3o.eval.edit import format_edit_table
     from blip3o.eval.model_eval import edit_run
-    from blip3o.infer.next_pipeline import NextPipeline, load_pipeline
 
-    pipe = load_pipeline(args.run)
-    if not isinstance(pipe, NextPipeline):
-        raise SystemExit(f"{args.run} is a BLIP3-o run; editing needs a BLIP3o-NEXT run (`blip3o train shapes-next`)")
+    pipe = _editing_pipeline(args.run, args.stage)
     out = Path(args.out) if args.out else Path(args.run) / "eval" / "edit"
     summary = edit_run(pipe, Path(args.run) / "world", out, limit=args.limit, seed=args.seed)
     print(format_edit_table(summary))
@@ -244,7 +256,15 @@ def _demo(args: argparse.Namespace) -> int:
             f"BLIP3-o: GenEval-shapes {model['geneval']['overall']:.4f}, VQA {model['vqa']['overall']:.4f}, "
             f"trained in {model['train_seconds']:.0f} s"
         )
-    print(json.dumps({k: summary[k] for k in ("geneval_oracle", "ocr", "blip3o", "seconds") if k in summary}))
+    if "next" in summary:
+        nxt = summary["next"]
+        print(
+            f"BLIP3o-NEXT: GenEval-shapes {nxt['geneval']['overall']:.4f}, edit accuracy "
+            f"{nxt['edit']['edit_accuracy']:.4f}, consistency {nxt['edit']['consistency']:.4f}, "
+            f"trained in {nxt['train_seconds']:.0f} s"
+        )
+    keys = ("geneval_oracle", "ocr", "blip3o", "next", "seconds")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
 
 
@@ -293,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sampled into RUN/eval/geneval first)",
     )
     gen.add_argument("--out", help="per-image results (JSON lines); default IMAGEDIR/geneval_results.jsonl")
+    _stage_arg(gen)
     gen.add_argument("--threshold", type=float, default=0.5, help="minimum detection confidence (default 0.5)")
     gen.add_argument(
         "--counting-threshold",
@@ -315,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("run", help="a BLIP3o-NEXT run directory made by `blip3o train`")
     ed.add_argument("--out", help="images and results (default RUN/eval/edit)")
     ed.add_argument("--limit", type=int, help="at most this many triplets")
+    _stage_arg(ed)
     ed.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
     ed.set_defaults(fn=_eval_edit)
     ocr = esub.add_parser("ocr", help="OCR reward of a GenEval-layout folder whose prompts quote their text")
@@ -349,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=float, help="CFG scale (default: the run's config)")
     generate.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
     generate.add_argument("--out", required=True, help="output directory")
+    _stage_arg(generate)
     generate.set_defaults(fn=_generate)
 
     edit = sub.add_parser("edit", help="image + instruction → edited image with a trained BLIP3o-NEXT run")
@@ -360,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--guidance-scale", type=float, help="SANA CFG scale (default: the run's config)")
     edit.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
     edit.add_argument("--out", required=True, help="output directory")
+    _stage_arg(edit)
     edit.set_defaults(fn=_edit)
 
     chat = sub.add_parser("chat", help="image → text: ask a trained run about an image")

@@ -66,9 +66,12 @@ def run_demo(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[
     model = _train_and_evaluate(cfg, out, progress) if cfg.recipe.stages else None
     if model is not None:
         summary["blip3o"] = {k: v for k, v in model.items() if k != "answers"}
+    nxt = _train_and_evaluate_next(cfg, out, progress) if "decoder" in cfg.recipe.stages else None
+    if nxt is not None:
+        summary["next"] = {k: v for k, v in nxt.items() if k not in ("edits", "cfg")}
     summary["seconds"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _report(out, cfg, world, results, summary, list(zip(text_images, words, reads, rewards, strict=True)), model)
+    _report(out, cfg, world, results, summary, list(zip(text_images, words, reads, rewards, strict=True)), model, nxt)
     return summary
 
 
@@ -97,6 +100,32 @@ def _train_and_evaluate(cfg: RunConfig, out: Path, progress: bool) -> dict[str, 
     }
 
 
+def _train_and_evaluate_next(cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """Train BLIP3o-NEXT (:func:`blip3o.config.presets.demo_next`) in ``out/next`` on the BLIP3-o run's shared
+    stages, then score GenEval on the held-out prompts and editing on held-out triplets."""
+    from blip3o.config.presets import demo_next
+    from blip3o.eval.model_eval import edit_run, geneval_run
+    from blip3o.infer.next_pipeline import NextPipeline
+    from blip3o.train.recipe import run_recipe
+
+    start = time.perf_counter()
+    next_cfg = demo_next(cfg)
+    run = out / "next"
+    stages = run_recipe(next_cfg, run, resume=True, progress=progress, reuse=out)
+    train_seconds = sum(stages[s].get("wall_time_s", 0.0) for s in ("image_tokenizer", "next", "instruct"))
+    pipe = NextPipeline.from_run(run)
+    geneval = geneval_run(pipe, run / "world", next_cfg.eval, run / "eval" / "geneval", progress=progress)
+    edit = edit_run(pipe, run / "world", run / "eval" / "edit", limit=24, progress=progress)
+    return {
+        "geneval": geneval,
+        "edit": edit,
+        "codebook": stages["image_tokenizer"].get("codebook"),
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "cfg": next_cfg,
+    }
+
+
 def _report(
     out: Path,
     cfg: RunConfig,
@@ -105,6 +134,7 @@ def _report(
     summary: dict[str, Any],
     text_rows: list,
     model: dict[str, Any] | None = None,
+    nxt: dict[str, Any] | None = None,
 ) -> None:
     from PIL import Image
 
@@ -173,6 +203,8 @@ def _report(
     report.table(["sample", "type", "question", "answer"], qa_rows)
     if model is not None:
         _model_report(report, out, cfg, summary, model)
+    if nxt is not None:
+        _next_report(report, out / "next", summary, nxt)
     report.heading("Config")
     report.parts.append(f"<pre>{json.dumps(to_dict(cfg), indent=1)}</pre>")
     report.write()
@@ -215,5 +247,60 @@ def _model_report(report: Report, out: Path, cfg: RunConfig, summary: dict[str, 
         curve = out / stage / "curves.png"
         if curve.is_file():
             target = report.out / "img" / f"curves-{stage}.png"
+            target.write_bytes(curve.read_bytes())
+            report.figure(target, f"{stage} stage")
+
+
+def _next_report(report: Report, run: Path, summary: dict[str, Any], nxt: dict[str, Any]) -> None:
+    from PIL import Image
+
+    from blip3o.eval.edit import EDIT_TYPES
+
+    cfg = nxt["cfg"]
+    gen, edit = nxt["geneval"], nxt["edit"]
+    report.heading("BLIP3o-NEXT trained on the world")
+    book = nxt["codebook"] or {}
+    report.paragraph(
+        f"Stages {', '.join(cfg.recipe.stages[3:])} on the BLIP3-o run's mini-CLIP, VAE and pixel decoder, "
+        f"{nxt['train_seconds']:.0f} s of training. Image tokenizer: {cfg.next.codebook_size} codes, "
+        f"{cfg.next.image_tokens} tokens per image, held-out codebook usage {book.get('usage', float('nan')):.3f}, "
+        f"perplexity {book.get('perplexity', float('nan')):.1f}. Sampling: top-k {cfg.next.top_k}, top-p "
+        f"{cfg.next.top_p}, then {cfg.next.steps} SANA steps with CFG {cfg.next.guidance_scale}."
+    )
+    blip3o = summary.get("blip3o", {}).get("geneval", {}).get("tags", {})
+    rows = [[t, gen["tags"].get(t, float("nan")), blip3o.get(t, float("nan"))] for t in TAGS]
+    rows.append(["overall", gen["overall"], summary.get("blip3o", {}).get("geneval", {}).get("overall", float("nan"))])
+    report.table(["tag", "BLIP3o-NEXT", "BLIP3-o"], rows)
+    results = [
+        json.loads(line) for line in (run / "eval" / "geneval" / "geneval_results.jsonl").read_text().splitlines()
+    ]
+    for tag in TAGS:
+        report.heading(f"NEXT generated: {tag}", 3)
+        report.gallery(
+            [(Image.open(r["filename"]), r["prompt"], r["correct"]) for r in results if r["tag"] == tag][:12]
+        )
+    report.heading("Editing", 3)
+    types = [t for t in EDIT_TYPES if t in edit["types"]]
+    edit_rows = [
+        [t, edit["types"][t]["n"], edit["types"][t]["edit_accuracy"], edit["types"][t]["consistency"]] for t in types
+    ]
+    edit_rows.append(["overall", edit["n"], edit["edit_accuracy"], edit["consistency"]])
+    report.table(["edit", "triplets", "edit accuracy", "consistency"], edit_rows)
+    lines = (run / "eval" / "edit" / "edit_results.jsonl").read_text().splitlines()[:-1]
+    items = []
+    for line in lines[:8]:
+        r = json.loads(line)
+        images = run / "eval" / "edit" / "images"
+        items.append((Image.open(images / f"{r['index']:05d}_source.png"), "source", None))
+        items.append(
+            (Image.open(images / f"{r['index']:05d}_edit.png"), r["instruction"], r["edit_ok"] and r["consistent"])
+        )
+        items.append((Image.open(images / f"{r['index']:05d}_target.png"), "target", None))
+    report.gallery(items)
+    report.heading("NEXT training curves", 3)
+    for stage in ("image_tokenizer", "next", "instruct"):
+        curve = run / stage / "curves.png"
+        if curve.is_file():
+            target = report.out / "img" / f"curves-next-{stage}.png"
             target.write_bytes(curve.read_bytes())
             report.figure(target, f"{stage} stage")

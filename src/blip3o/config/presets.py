@@ -7,7 +7,7 @@ overrides: :func:`resolve`. Preset names use dashes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from blip3o.config.io import apply_overrides
@@ -16,7 +16,7 @@ from blip3o.config.next import NextConfig, next_3b, shapes_next
 from blip3o.config.recipe import BLIP3O_STAGES, NEXT_STAGES, SHARED_STAGES, STAGES
 from blip3o.config.schema import ConfigError, RunConfig
 
-__all__ = ["PRESETS", "get_preset", "resolve", "shapes_blip3o", "shapes_demo", "tiny_debug"]
+__all__ = ["PRESETS", "demo_next", "get_preset", "resolve", "shapes_blip3o", "shapes_demo", "tiny_debug", "with_next"]
 
 
 def shapes_demo() -> RunConfig:
@@ -177,44 +177,54 @@ def next_for(cfg: RunConfig, base: NextConfig) -> NextConfig:
     )
 
 
-def _next_recipe(cfg: RunConfig, next_cfg: NextConfig, **stage_steps: int):
-    trainable = ["backbone", "connector", *(f"dit.{p}" for p in next_cfg.train_sana)]
-    stages = {
-        name: replace(
-            cfg.recipe.stage(name), trainable=trainable, **({"steps": stage_steps[name]} if name in stage_steps else {})
-        )
-        for name in ("next", "instruct")
-    }
-    return replace(cfg.recipe, stages=[*SHARED_STAGES, *NEXT_STAGES], **stages)
+def with_next(cfg: RunConfig, base: NextConfig, name: str, steps: Mapping[str, int] | None = None) -> RunConfig:
+    """``cfg`` (a BLIP3-o shapes config) with the BLIP3o-NEXT model ``base`` on its shared parts
+    (:func:`next_for`) and the recipe ``clip → vae → decoder → image_tokenizer → next → instruct``
+    (the next and instruct stages train the backbone, the connector and ``next.train_sana``, see
+    :func:`blip3o.train.recipe.stage_config`). ``steps`` overrides stage lengths."""
+    stages = {k: replace(cfg.recipe.stage(k), steps=v) for k, v in (steps or {}).items()}
+    recipe = replace(cfg.recipe, stages=[*SHARED_STAGES, *NEXT_STAGES], **stages)
+    return replace(cfg, name=name, next=next_for(cfg, base), recipe=recipe)
+
+
+def shapes_next_model() -> NextConfig:
+    """The shapes BLIP3o-NEXT model: a 128-wide, 4-layer Qwen3 (the BLIP3-o shapes backbone is 64 × 2: writing
+    64 codes that place objects is harder than answering about them), 1024 codes; SANA keeps its input
+    projection trainable besides the caption projection and norm, because the reference-latent
+    channels of editing enter there."""
+    backbone = BackboneConfig(
+        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384
+    )
+    return replace(
+        shapes_next(),
+        backbone=backbone,
+        train_sana=["caption_projection", "caption_norm", "patch_embed"],
+        top_k=20,  # the official 1200 of 65,536 codes is 1.8% of the codebook; 20 of 1024 is 2%
+    )
 
 
 def shapes_next_run() -> RunConfig:
     """The default BLIP3o-NEXT shapes recipe: the BLIP3-o run's world, mini-CLIP, VAE and pixel decoder, then
     the image tokenizer (1024 codes over the 8×8 CLIP map: 64 tokens per image), NEXT pre-training on
-    captions, edits and image → text, and instruction tuning on a tag-balanced set.
-
-    The backbone is a 128-wide, 4-layer Qwen3 (the BLIP3-o shapes backbone is 64 × 2: writing 64 codes
-    that place objects is harder than answering about them). SANA keeps its input projection trainable
-    besides the caption projection and norm, because the reference-latent channels of editing enter there.
-    """
-    base = shapes_blip3o()
-    backbone = BackboneConfig(
-        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384
-    )
-    next_cfg = next_for(
-        base,
-        replace(shapes_next(), backbone=backbone, train_sana=["caption_projection", "caption_norm", "patch_embed"]),
-    )
-    return replace(base, name="shapes-next", next=next_cfg, recipe=_next_recipe(base, next_cfg))
+    captions, edits and image → text, and instruction tuning on a tag-balanced set."""
+    return with_next(shapes_blip3o(), shapes_next_model(), "shapes-next")
 
 
 def tiny_next() -> RunConfig:
     """The tiny-debug world and shared parts with a tiny BLIP3o-NEXT on top (tests, smoke runs)."""
-    base = tiny_debug()
-    next_cfg = next_for(
-        base, replace(shapes_next(), codebook_size=64, train_sana=["caption_projection", "caption_norm", "patch_embed"])
-    )
-    return replace(base, name="tiny-next", next=next_cfg, recipe=_next_recipe(base, next_cfg))
+    base = replace(shapes_next(), codebook_size=64, train_sana=["caption_projection", "caption_norm", "patch_embed"])
+    return with_next(tiny_debug(), base, "tiny-next")
+
+
+DEMO_NEXT_STEPS = {"image_tokenizer": 300, "next": 300, "instruct": 60}
+"""Upper bounds on the NEXT stage lengths in the demo (which must finish in under 15 minutes cold)."""
+
+
+def demo_next(cfg: RunConfig) -> RunConfig:
+    """The BLIP3o-NEXT run the demo trains on top of its BLIP3-o config ``cfg`` (stages capped by
+    :data:`DEMO_NEXT_STEPS`)."""
+    steps = {k: min(v, cfg.recipe.stage(k).steps) for k, v in DEMO_NEXT_STEPS.items()}
+    return with_next(cfg, shapes_next_model(), f"{cfg.name}-next", steps)
 
 
 def blip3o_next_3b() -> RunConfig:

@@ -60,16 +60,10 @@ class RecipeConfig:
     understanding: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["backbone", "projector"]))
     generation: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["queries", "head"]))
     image_tokenizer: TrainConfig = field(default_factory=lambda: _stage(1000, 64, 1e-3))
-    next: TrainConfig = field(
-        default_factory=lambda: _stage(
-            2000, 32, 1e-3, ["backbone", "connector", "dit.caption_projection", "dit.caption_norm"]
-        )
-    )
-    instruct: TrainConfig = field(
-        default_factory=lambda: _stage(
-            400, 32, 3e-4, ["backbone", "connector", "dit.caption_projection", "dit.caption_norm"]
-        )
-    )
+    next: TrainConfig = field(default_factory=lambda: _stage(2000, 32, 1e-3))
+    """BLIP3o-NEXT pre-training; with ``trainable`` empty it trains the backbone, connector and ``next.train_sana``."""
+    instruct: TrainConfig = field(default_factory=lambda: _stage(400, 32, 3e-4))
+    """Instruction tuning, from the next stage's weights; ``trainable`` as for ``next``."""
     next_prompt_fraction: float = 0.0
     """NEXT pre-training: share of text-to-image rows asked for by the GenEval-style prompt instead of the
     caption (0: captions only, as pre-training on descriptive captions)."""

@@ -12,6 +12,7 @@ prompts gives the same images as the prompts one at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,8 +54,8 @@ class NextPipeline:
         self.image_tokenizer, self.encoders = image_tokenizer.eval(), encoders
 
     @classmethod
-    def from_run(cls, run: str | Path) -> NextPipeline:
-        """Load a trained run directory (its instruct stage, else its next stage)."""
+    def from_run(cls, run: str | Path, stage: str | None = None) -> NextPipeline:
+        """Load a trained run directory: its ``stage`` (``next`` or ``instruct``), by default the last one trained."""
         run = Path(run)
         cfg = load_yaml(require(run / "config.yaml", "any"), RunConfig)
         if cfg.next is None:
@@ -74,9 +75,20 @@ class NextPipeline:
         image_tokenizer = build_image_tokenizer(cfg.next, cfg.model)
         load_weights(image_tokenizer, require(run / "image_tokenizer" / MODEL_FILE, "image_tokenizer"))
         model = BLIP3oNext.from_config(cfg.next, vocab)
-        stage = "instruct" if (run / "instruct" / MODEL_FILE).is_file() else "next"
+        if stage is None:
+            stage = "instruct" if (run / "instruct" / MODEL_FILE).is_file() else "next"
+        elif stage not in ("next", "instruct"):
+            raise ValueError(f"a BLIP3o-NEXT model comes from stage next or instruct, not {stage!r}")
         load_weights(model, require(run / stage / MODEL_FILE, stage))
         return cls(cfg, model, tokenizer, image_tokenizer, enc)
+
+    SAMPLING = ("temperature", "top_k", "top_p", "ar_guidance_scale", "steps", "guidance_scale")
+    """The fields of :class:`~blip3o.config.next.NextConfig` that only sampling reads."""
+
+    def apply_sampling(self, cfg: RunConfig) -> None:
+        """Take the sampling settings (:attr:`SAMPLING`) of ``cfg.next``, e.g. a run config with overrides."""
+        if cfg.next is not None:
+            self.next = replace(self.next, **{k: getattr(cfg.next, k) for k in self.SAMPLING})
 
     @torch.no_grad()
     def codes(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
@@ -235,9 +247,14 @@ class NextPipeline:
         return answers[0] if single else answers
 
 
-def load_pipeline(run: str | Path):
-    """The pipeline a run's config calls for: :class:`NextPipeline` for BLIP3o-NEXT, else BLIP3oPipeline."""
+def load_pipeline(run: str | Path, stage: str | None = None):
+    """The pipeline a run's config calls for: :class:`NextPipeline` for BLIP3o-NEXT, else BLIP3oPipeline.
+    ``stage`` picks a NEXT run's ``next`` or ``instruct`` weights (default: the last trained)."""
     from blip3o.infer.pipeline import BLIP3oPipeline
 
     cfg = load_yaml(require(Path(run) / "config.yaml", "any"), RunConfig)
-    return (NextPipeline if cfg.next is not None else BLIP3oPipeline).from_run(run)
+    if cfg.next is not None:
+        return NextPipeline.from_run(run, stage)
+    if stage is not None:
+        raise ValueError(f"--stage picks the weights of a BLIP3o-NEXT run; {run} is a BLIP3-o run")
+    return BLIP3oPipeline.from_run(run)

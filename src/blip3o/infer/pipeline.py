@@ -11,6 +11,7 @@ as the prompts one at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -89,6 +90,16 @@ class BLIP3oPipeline:
             decoder = PixelDecoder(cfg.decoder, c, side, cfg.vision.hidden_size)
             load_weights(decoder, run / "decoder" / MODEL_FILE)
         return cls(cfg, model, tokenizer, enc, decoder)
+
+    def apply_sampling(self, cfg: RunConfig) -> None:
+        """Take the sampling settings (steps and guidance of the generation head and of the pixel decoder)
+        of ``cfg.model``, e.g. a run config with overrides."""
+        gen, dec = cfg.model.generation, cfg.model.decoder
+        self.cfg = replace(
+            self.cfg,
+            generation=replace(self.cfg.generation, steps=gen.steps, guidance_scale=gen.guidance_scale),
+            decoder=replace(self.cfg.decoder, steps=dec.steps, guidance_scale=dec.guidance_scale),
+        )
 
     @torch.no_grad()
     def __call__(

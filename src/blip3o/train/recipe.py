@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from blip3o.config import RunConfig, dump_yaml
 from blip3o.config.io import load_yaml, to_dict
 from blip3o.config.recipe import SHARED_STAGES, STAGES
+from blip3o.config.train import TrainConfig
 from blip3o.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 from blip3o.data.world_data import load_split
 from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, require
@@ -69,6 +71,15 @@ def encoders(cfg: RunConfig, out: Path) -> Encoders:
         save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
         os.replace(tmp, scales_path)
     return Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, load_file(str(scales_path)))
+
+
+def stage_config(cfg: RunConfig, stage: str) -> TrainConfig:
+    """The training settings of ``stage``; the BLIP3o-NEXT stages train, unless their config lists modules
+    itself, the backbone, the connector and the SANA modules of ``next.train_sana`` (one declaration)."""
+    tcfg = cfg.recipe.stage(stage)
+    if stage in ("next", "instruct") and not tcfg.trainable and cfg.next is not None:
+        return replace(tcfg, trainable=["backbone", "connector", *(f"dit.{p}" for p in cfg.next.train_sana)])
+    return tcfg
 
 
 def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
@@ -177,7 +188,7 @@ def run_recipe(
         log.info("stage %s", stage)
         summaries[stage] = train(
             make_task(stage, cfg, out),
-            cfg.recipe.stage(stage),
+            stage_config(cfg, stage),
             out / stage,
             resume=resume or finished(out / stage, cfg.recipe.stage(stage).steps),
             config_to_save=cfg,

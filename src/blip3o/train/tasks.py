@@ -27,10 +27,11 @@ from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
 from blip3o.models.build import Encoders, build_blip3o, load_weights
-from blip3o.models.heads import PixelDecoder, map_to_tokens
+from blip3o.models.heads import PixelDecoder, map_to_tokens, tokens_to_map
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.world.prompts import shape_swapped, shapes_named
-from blip3o.world.spec import SHAPES
+from blip3o.world.samples import caption_objects
+from blip3o.world.spec import COLOR_NAMES, SHAPES
 
 
 class StageTask:
@@ -62,17 +63,25 @@ class StageTask:
 
 
 class TaggedSiglip(nn.Module):
-    """SigLIP plus a linear tagging head on the pooled image embedding that predicts which classes the
-    image's caption names; the head is dropped after the stage."""
+    """SigLIP plus two linear heads that the stage drops afterwards: a tagging head on the pooled image
+    embedding (which classes the caption names) and a grounding head on the patch map pooled to the
+    caption's 3×3 places (which class and colour the caption puts at each place)."""
 
-    def __init__(self, clip: nn.Module, num_tags: int) -> None:
+    def __init__(self, clip: nn.Module, num_tags: int, num_grounded: int) -> None:
         super().__init__()
         self.clip = clip
-        self.tags = nn.Linear(clip.config.vision_config.hidden_size, num_tags)
+        width = clip.config.vision_config.hidden_size
+        self.tags = nn.Linear(width, num_tags)
+        self.places = nn.Linear(width, num_grounded)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """→ logits per image (B, texts), tag logits (B, T), grounding logits (B, 9, G)."""
         out = self.clip(input_ids=input_ids, pixel_values=pixel_values)
-        return out.logits_per_image, self.tags(out.vision_model_output.pooler_output)
+        vision = out.vision_model_output
+        cells = F.adaptive_avg_pool2d(tokens_to_map(vision.last_hidden_state), 3)  # (B, D, 3, 3)
+        return out.logits_per_image, self.tags(vision.pooler_output), self.places(map_to_tokens(cells))
 
 
 def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -91,7 +100,12 @@ class ClipTask(StageTask):
     - every image gets one hard negative, its own text with one shape swapped
       (:func:`blip3o.world.prompts.shape_swapped`), besides the other texts of the batch;
     - a tagging loss (:class:`TaggedSiglip`, weight ``tag_weight``): the pooled embedding predicts
-      which classes the caption names (multi-label, read from the caption's nouns).
+      which classes the caption names (multi-label, read from the caption's nouns);
+    - a grounded-caption loss (weight ``ground_weight``): the patch map, average-pooled to 3×3, predicts
+      the class and colour the caption places in each of its nine places ("a red star at the top left",
+      :func:`blip3o.world.samples.caption_objects`), so that every patch feature knows what covers it.
+      It stands in for the LocCa grounded-captioning decoder that SigLIP2, the real-scale target
+      encoder, is trained with for dense features.
 
     Random negatives in a small batch differ in colour almost always. With the contrastive loss alone,
     or with a bag-of-words loss over every caption token, a linear probe finds no more about which
@@ -101,9 +115,12 @@ class ClipTask(StageTask):
     """
 
     tag_weight = 10.0
+    ground_weight = 10.0
 
     def build_model(self) -> nn.Module:
-        return TaggedSiglip(build_clip(self.cfg.vision, len(self.tokenizer)), len(SHAPES))
+        return TaggedSiglip(
+            build_clip(self.cfg.vision, len(self.tokenizer)), len(SHAPES), len(SHAPES) + len(COLOR_NAMES)
+        )
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
@@ -116,22 +133,40 @@ class ClipTask(StageTask):
         )
         named = [shapes_named(c) for c in captions]
         tags = torch.tensor([[s in n for s in SHAPES] for n in named], dtype=torch.float32)
-        return {"pixels": to_pixels(self.data.images[idx]), "input_ids": enc["input_ids"], "tags": tags}
+        return {
+            "pixels": to_pixels(self.data.images[idx]),
+            "input_ids": enc["input_ids"],
+            "tags": tags,
+            "places": grounding_targets(captions),
+        }
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits, tag_logits = model(batch["input_ids"], batch["pixels"])  # (B, 2B), (B, T)
+        logits, tag_logits, place_logits = model(batch["input_ids"], batch["pixels"])  # (B, 2B), (B, T), (B, 9, G)
         b = logits.shape[0]
         contrastive = sigmoid_loss(logits)
         tags = F.binary_cross_entropy_with_logits(tag_logits, batch["tags"])
+        places = F.binary_cross_entropy_with_logits(place_logits, batch["places"])
         hard = (logits[:, :b].diagonal() > logits[:, b:].diagonal()).float().mean()
         tag_acc = ((tag_logits > 0) == batch["tags"].bool()).float().mean()
         return {
-            "loss": contrastive + self.tag_weight * tags,
+            "loss": contrastive + self.tag_weight * tags + self.ground_weight * places,
             "contrastive": contrastive.detach(),
             "tags": tags.detach(),
+            "places": places.detach(),
             "tag_acc": tag_acc.detach(),
             "hard_negative_acc": hard.detach(),
         }
+
+
+def grounding_targets(captions: list[str]) -> torch.Tensor:
+    """(B, 9, S + C) multi-hot targets: per 3×3 place (row-major), the classes then the colours that each
+    caption puts there."""
+    out = torch.zeros(len(captions), 9, len(SHAPES) + len(COLOR_NAMES))
+    for i, text in enumerate(captions):
+        for color, shape, row, col in caption_objects(text):
+            out[i, 3 * row + col, SHAPES.index(shape)] = 1.0
+            out[i, 3 * row + col, len(SHAPES) + COLOR_NAMES.index(color)] = 1.0
+    return out
 
 
 class VAEAutoencoding(nn.Module):

@@ -7,6 +7,7 @@ sample can be rebuilt alone, and the same seed always gives the same bytes.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,31 @@ def _region(obj: Obj) -> str:
     if row == "middle":
         return "centre" if col == "centre" else f"{col}"
     return row if col == "centre" else f"{row} {col}"
+
+
+def region_cell(obj: Obj) -> tuple[int, int]:
+    """(row, column) of the 3×3 cell holding an object's centre: what :func:`caption` calls its place."""
+    return min(int(obj.cy * 3), 2), min(int(obj.cx * 3), 2)
+
+
+_PLACES = {
+    "top left": (0, 0),
+    "top": (0, 1),
+    "top right": (0, 2),
+    "left": (1, 0),
+    "centre": (1, 1),
+    "right": (1, 2),
+    "bottom left": (2, 0),
+    "bottom": (2, 1),
+    "bottom right": (2, 2),
+}
+_GROUNDED = re.compile(r"\b(?:an?) (\w+) (\w+) at the ((?:top|bottom) (?:left|right)|top|bottom|left|right|centre)\b")
+
+
+def caption_objects(text: str) -> list[tuple[str, str, int, int]]:
+    """The (colour, shape, row, column) of every object a :func:`caption` places, read back from its text;
+    row and column index the 3×3 grid of places ("top left" = (0, 0), "centre" = (1, 1))."""
+    return [(c, s, *_PLACES[place]) for c, s, place in _GROUNDED.findall(text.lower()) if s in SHAPES]
 
 
 def caption(objects: Sequence[Obj]) -> str:
