@@ -189,3 +189,17 @@ def test_cli_generate_edit_and_eval_edit(run, tmp_path, capsys):
     assert summary["n"] == 3 and len(lines) == 4
     assert 0 <= summary["edit_accuracy"] <= 1 and 0 <= summary["consistency"] <= 1
     assert len(list((tmp_path / "ev" / "images").glob("*_edit.png"))) == 3
+
+
+def test_sampling_overrides_reach_the_pipeline(run):
+    """top-k 1 and temperature 0 both decode greedily, so after ``apply_sampling`` they give the same images."""
+    from blip3o.config.io import apply_overrides
+
+    pipe = load_pipeline(run[0])
+    cfg = resolve("tiny-next")
+    pipe.apply_sampling(apply_overrides(cfg, ["next.top_k=1"]))
+    assert pipe.next.top_k == 1
+    greedy_k = pipe("a photo of a red circle", seed=0)
+    pipe.apply_sampling(apply_overrides(cfg, ["next.temperature=0"]))
+    greedy_t = pipe("a photo of a red circle", seed=0)  # SANA noise is the same seed, so images match
+    np.testing.assert_allclose(np.asarray(greedy_k[0], dtype=float), np.asarray(greedy_t[0], dtype=float), atol=1)

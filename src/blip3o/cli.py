@@ -192,10 +192,12 @@ def _edit(args: argparse.Namespace) -> int:
 
 
 def _eval_edit(args: argparse.Namespace) -> int:
+    from blip3o.config import RunConfig, load_yaml
     from blip3o.eval.edit import format_edit_table
     from blip3o.eval.model_eval import edit_run
 
     pipe = _editing_pipeline(args.run, args.stage)
+    pipe.apply_sampling(apply_overrides(load_yaml(Path(args.run) / "config.yaml", RunConfig), args.overrides))
     out = Path(args.out) if args.out else Path(args.run) / "eval" / "edit"
     summary = edit_run(pipe, Path(args.run) / "world", out, limit=args.limit, seed=args.seed)
     print(format_edit_table(summary))
@@ -337,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--out", help="images and results (default RUN/eval/edit)")
     ed.add_argument("--limit", type=int, help="at most this many triplets")
     _stage_arg(ed)
+    _overrides(ed)
     ed.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
     ed.set_defaults(fn=_eval_edit)
     ocr = esub.add_parser("ocr", help="OCR reward of a GenEval-layout folder whose prompts quote their text")
