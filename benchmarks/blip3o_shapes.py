@@ -9,31 +9,19 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import replace
 
 from blip3o.config import resolve
-from blip3o.config.recipe import BLIP3O_STAGES
 from blip3o.infer.pipeline import BLIP3oPipeline
 from blip3o.train.recipe import run_recipe
 
-from common import emit
+from common import emit, shortened
 
 STEPS = 20
 
 
 def main() -> None:
     cfg = resolve("shapes-blip3o", ["world.n_train=512", "world.n_heldout=64"])
-    stages = {
-        s: replace(
-            cfg.recipe.stage(s),
-            steps=STEPS,
-            ckpt_every=0,
-            log_every=STEPS,
-            optim=replace(cfg.recipe.stage(s).optim, warmup_steps=0),
-        )
-        for s in BLIP3O_STAGES
-    }
-    cfg = replace(cfg, recipe=replace(cfg.recipe, **stages))
+    cfg = shortened(cfg, STEPS)
     with tempfile.TemporaryDirectory() as tmp:
         summaries = run_recipe(cfg, tmp, progress=False)
         for stage, summary in summaries.items():

@@ -44,3 +44,23 @@ def rate(fn: Callable[[], int], min_seconds: float = 2.0) -> float:
     while (elapsed := time.perf_counter() - start) < min_seconds:
         n += fn()
     return n / elapsed
+
+
+def shortened(cfg, steps: int):
+    """``cfg`` (a RunConfig) with every stage ``steps`` long, no warm-up and no checkpoints before the end:
+    for timing stages, whose speed does not depend on how far they trained."""
+    from dataclasses import replace
+
+    from blip3o.config.recipe import STAGES
+
+    stages = {
+        s: replace(
+            cfg.recipe.stage(s),
+            steps=steps,
+            ckpt_every=0,
+            log_every=steps,
+            optim=replace(cfg.recipe.stage(s).optim, warmup_steps=0),
+        )
+        for s in STAGES
+    }
+    return replace(cfg, recipe=replace(cfg.recipe, **stages))

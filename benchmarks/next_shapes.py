@@ -15,19 +15,18 @@ Run: ``.venv/bin/python benchmarks/next_shapes.py`` (one intra-op thread, as in 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import replace
 
 import torch
 
 from blip3o.config import resolve
-from blip3o.config.recipe import SHARED_STAGES, STAGES
+from blip3o.config.recipe import SHARED_STAGES
 from blip3o.data.next_inputs import image_prompts
 from blip3o.infer.ar_sampling import sample_image_tokens
 from blip3o.infer.next_pipeline import NextPipeline
 from blip3o.train.recipe import run_recipe
 from next_ar import generate_then_reforward, median_seconds
 
-from common import emit
+from common import emit, shortened
 
 STEPS = 20
 PROMPTS = [
@@ -65,17 +64,7 @@ def time_batch(pipe: NextPipeline, batch: int) -> None:
 def main() -> None:
     torch.set_num_threads(1)
     cfg = resolve("shapes-next", ["world.n_train=256", "world.n_heldout=32"])
-    stages = {
-        s: replace(
-            cfg.recipe.stage(s),
-            steps=STEPS,
-            ckpt_every=0,
-            log_every=STEPS,
-            optim=replace(cfg.recipe.stage(s).optim, warmup_steps=0),
-        )
-        for s in STAGES
-    }
-    cfg = replace(cfg, recipe=replace(cfg.recipe, **stages))
+    cfg = shortened(cfg, STEPS)
     with tempfile.TemporaryDirectory() as tmp:
         summaries = run_recipe(cfg, tmp, progress=False)
         for stage, summary in summaries.items():

@@ -203,3 +203,25 @@ def test_sampling_overrides_reach_the_pipeline(run):
     pipe.apply_sampling(apply_overrides(cfg, ["next.temperature=0"]))
     greedy_t = pipe("a photo of a red circle", seed=0)  # SANA noise is the same seed, so images match
     np.testing.assert_allclose(np.asarray(greedy_k[0], dtype=float), np.asarray(greedy_t[0], dtype=float), atol=1)
+
+
+def test_edit_rows_corrupt_only_the_written_codes_of_edit_rows(run):
+    from blip3o.data.processing import IGNORE
+    from blip3o.train.recipe import make_task
+
+    out, _ = run
+    cfg = resolve("tiny-next")
+    task = make_task("next", replace(cfg, next=replace(cfg.next, edit_fraction=0.5, edit_corruption=0.5)), out)
+    batch = task.batch(0, 0, 0, 1)
+    rows = batch["image"]
+    n_t2i = int((batch["reference"].flatten(1).abs().sum(1) == 0).sum())
+    # Labels are the true codes: where the input was corrupted it differs from the label of that token.
+    shifted = rows["labels"]
+    written = condition_positions(rows["input_ids"], rows["attention_mask"], task.vocab) & task.vocab.is_code(
+        rows["input_ids"]
+    )
+    changed = written & (rows["input_ids"] != shifted) & (shifted != IGNORE)
+    assert n_t2i < rows["input_ids"].shape[0]  # the batch holds edit rows
+    assert not changed[:n_t2i].any()  # text-to-image rows are left alone
+    share = changed[n_t2i:].sum() / written[n_t2i:].sum()
+    assert 0.3 < share < 0.6  # about half, less the codes redrawn to themselves

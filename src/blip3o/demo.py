@@ -211,7 +211,6 @@ def _report(
 
 
 def _model_report(report: Report, out: Path, cfg: RunConfig, summary: dict[str, Any], model: dict[str, Any]) -> None:
-    from PIL import Image
 
     from blip3o.world.spec import TAGS
 
@@ -227,14 +226,7 @@ def _model_report(report: Report, out: Path, cfg: RunConfig, summary: dict[str, 
     report.table(["tag", "BLIP3-o", "ground truth"], rows)
     vqa = model["vqa"]
     report.table(["question type", "accuracy"], [*vqa["types"].items(), ("overall", vqa["overall"])])
-    results = [
-        json.loads(line) for line in (out / "eval" / "geneval" / "geneval_results.jsonl").read_text().splitlines()
-    ]
-    for tag in TAGS:
-        report.heading(f"generated: {tag}", 3)
-        report.gallery(
-            [(Image.open(r["filename"]), r["prompt"], r["correct"]) for r in results if r["tag"] == tag][:12]
-        )
+    _generated_galleries(report, out / "eval" / "geneval" / "geneval_results.jsonl", "generated")
     report.heading("Answers on held-out images", 3)
     report.gallery(
         [
@@ -249,6 +241,18 @@ def _model_report(report: Report, out: Path, cfg: RunConfig, summary: dict[str, 
             target = report.out / "img" / f"curves-{stage}.png"
             target.write_bytes(curve.read_bytes())
             report.figure(target, f"{stage} stage")
+
+
+def _generated_galleries(report: Report, results_path: Path, title: str) -> None:
+    """A gallery per GenEval tag of a model's scored images (first 12 each)."""
+    from PIL import Image
+
+    results = [json.loads(line) for line in results_path.read_text().splitlines()]
+    for tag in TAGS:
+        report.heading(f"{title}: {tag}", 3)
+        report.gallery(
+            [(Image.open(r["filename"]), r["prompt"], r["correct"]) for r in results if r["tag"] == tag][:12]
+        )
 
 
 def _next_report(report: Report, run: Path, summary: dict[str, Any], nxt: dict[str, Any]) -> None:
@@ -271,14 +275,7 @@ def _next_report(report: Report, run: Path, summary: dict[str, Any], nxt: dict[s
     rows = [[t, gen["tags"].get(t, float("nan")), blip3o.get(t, float("nan"))] for t in TAGS]
     rows.append(["overall", gen["overall"], summary.get("blip3o", {}).get("geneval", {}).get("overall", float("nan"))])
     report.table(["tag", "BLIP3o-NEXT", "BLIP3-o"], rows)
-    results = [
-        json.loads(line) for line in (run / "eval" / "geneval" / "geneval_results.jsonl").read_text().splitlines()
-    ]
-    for tag in TAGS:
-        report.heading(f"NEXT generated: {tag}", 3)
-        report.gallery(
-            [(Image.open(r["filename"]), r["prompt"], r["correct"]) for r in results if r["tag"] == tag][:12]
-        )
+    _generated_galleries(report, run / "eval" / "geneval" / "geneval_results.jsonl", "NEXT generated")
     report.heading("Editing", 3)
     types = [t for t in EDIT_TYPES if t in edit["types"]]
     edit_rows = [

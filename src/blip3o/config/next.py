@@ -121,6 +121,12 @@ class NextConfig:
     weights start at zero (so an untrained model ignores them, and text-to-image rows pass zeros)."""
     edit_fraction: float = 0.3
     """Share of training rows that are edit triplets (reference tokens + instruction → target image)."""
+    edit_corruption: float = 0.3
+    """Edit rows: share of the target's input codes replaced by random codes (labels keep the true codes).
+    Image codes of CLIP features change almost everywhere when one object changes, so a SANA trained on
+    exact teacher-forced codes renders whatever codes it is given and ignores the reference latents;
+    with corrupted codes it learns to take from the reference what the codes get wrong, and the
+    backbone learns to continue from imperfect codes, as it must when sampling."""
     understanding_fraction: float = 0.2
     """Share of training rows that are image → text (captions and questions about image tokens)."""
     temperature: float = 1.0
@@ -135,6 +141,9 @@ class NextConfig:
     """SANA Euler steps (official 30)."""
     guidance_scale: float = 2.0
     """SANA CFG scale (official 2.0 for NEXT)."""
+    edit_strength: float = 1.0
+    """Editing: the noise level SANA starts from, the reference's latents noised to it (SDEdit, the
+    "noise-space injection" of the official editing branch); 1 starts from pure noise."""
     train_prompt_text: bool = False
     """Also take cross-entropy on the prompt text (system and user turns). Off by default: the prompt is
     always given at inference, so predicting it only spends capacity and gradient on text modelling that
@@ -157,7 +166,7 @@ class NextConfig:
         check_float("next.flow_weight", self.flow_weight, ge=0)
         if self.ce_weight == 0 and self.flow_weight == 0:
             raise ConfigError("ce_weight and flow_weight cannot both be 0 (nothing would train)", key="next")
-        for name in ("edit_fraction", "understanding_fraction", "top_p"):
+        for name in ("edit_fraction", "edit_corruption", "understanding_fraction", "top_p"):
             check_float(f"next.{name}", getattr(self, name), ge=0, le=1)
         if self.edit_fraction + self.understanding_fraction > 1:
             raise ConfigError("edit_fraction + understanding_fraction must be <= 1", key="next")
@@ -167,6 +176,7 @@ class NextConfig:
         check_float("next.ar_guidance_scale", self.ar_guidance_scale, ge=0)
         check_int("next.steps", self.steps, ge=1)
         check_float("next.guidance_scale", self.guidance_scale, ge=0)
+        check_float("next.edit_strength", self.edit_strength, gt=0, le=1)
         check_int("next.code_dim", self.code_dim, ge=1)
         self.pool_factors = tuple(self.pool_factors)
         if len(self.pool_factors) != self.num_scales:

@@ -101,6 +101,7 @@ def euler_sample(
     num_steps: int = 30,
     guidance_scale: float = 1.0,
     shift: float = 1.0,
+    start: float = 1.0,
     progress: bool = False,
 ) -> Tensor:
     """Integrate the flow ODE from ``noise`` (σ = 1) to a sample (σ = 0) with Euler steps.
@@ -124,6 +125,9 @@ def euler_sample(
         num_steps: Euler steps (official BLIP3-o: 30).
         guidance_scale: CFG scale s (BLIP3-o 3.0, NEXT 2.0; 1 disables guidance).
         shift: resolution shift of the schedule.
+        start: the noise level of ``noise``, in (0, 1]: with ``start`` < 1 it is a partly noised sample
+            x = (1 − start)·x₀ + start·ε (SDEdit: editing from a noised reference) and the schedule is
+            scaled to run from ``start`` to 0 in ``num_steps`` steps.
         progress: show a tqdm bar over steps.
 
     Returns:
@@ -136,7 +140,11 @@ def euler_sample(
             "shapes as cond; zeros, matching training-time condition dropout), or use guidance_scale=1.0"
         )
     b = noise.shape[0]
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"start must be in (0, 1], got {start}")
     sigmas = sigma_schedule(num_steps, shift=shift, device=noise.device)  # (N + 1,)
+    if start < 1.0:
+        sigmas = sigmas * start
     model_cond = _cat_cond(uncond, cond) if use_cfg else cond
     state_dtype = torch.promote_types(noise.dtype, torch.float32)
     x = noise.to(state_dtype)  # (B, ...)

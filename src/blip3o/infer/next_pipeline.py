@@ -25,7 +25,7 @@ from blip3o.data.processing import to_images, to_pixels
 from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
 from blip3o.diffusion.sampler import euler_sample
 from blip3o.infer.ar_sampling import sample_image_tokens
-from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, require, seeded_noise
+from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, expand_requests, require, seeded_noise
 from blip3o.models.build import Encoders, load_weights
 from blip3o.models.heads import map_to_tokens
 from blip3o.models.image_tokenizer import ImageTokenizer
@@ -82,7 +82,7 @@ class NextPipeline:
         load_weights(model, require(run / stage / MODEL_FILE, stage))
         return cls(cfg, model, tokenizer, image_tokenizer, enc)
 
-    SAMPLING = ("temperature", "top_k", "top_p", "ar_guidance_scale", "steps", "guidance_scale")
+    SAMPLING = ("temperature", "top_k", "top_p", "ar_guidance_scale", "steps", "guidance_scale", "edit_strength")
     """The fields of :class:`~blip3o.config.next.NextConfig` that only sampling reads."""
 
     def apply_sampling(self, cfg: RunConfig) -> None:
@@ -113,7 +113,7 @@ class NextPipeline:
         """Images for each prompt (``num_images`` each, prompt-major); ``seed`` one int or one per prompt,
         image k of a prompt with seed s uses seed s + k. Sampling settings default to the config's
         (``top_k=-1`` means the config's; ``None`` keeps every code)."""
-        prompts, seeds = self._expand(prompt, seed, num_images)
+        prompts, seeds = expand_requests(prompt, seed, num_images)
         return self._images(
             prompts,
             seeds,
@@ -149,7 +149,7 @@ class NextPipeline:
         instructions = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
         if len(instructions) != len(images):
             raise ValueError(f"got {len(instructions)} instructions for {len(images)} images")
-        prompts, seeds = self._expand(instructions, seed, num_images)
+        prompts, seeds = expand_requests(instructions, seed, num_images)
         pixels = to_pixels(images, self.cfg.model.vision.image_size).repeat_interleave(num_images, dim=0)
         return self._images(
             prompts,
@@ -164,16 +164,6 @@ class NextPipeline:
             ar_guidance_scale,
             progress,
         )
-
-    @staticmethod
-    def _expand(prompt: str | Sequence[str], seed: int | Sequence[int], num_images: int) -> tuple[list[str], list[int]]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one int or one per prompt")
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        return [p for p in prompts for _ in range(num_images)], [s + k for s in seeds for k in range(num_images)]
 
     def _images(
         self,
@@ -214,6 +204,10 @@ class NextPipeline:
         null = self.model.null_condition(len(prompts), cfg.image_tokens)
         ref = reference_latents if cfg.reference_latents else None
         noise = seeded_noise(cfg.latent_shape, [s + NOISE_OFFSET for s in seeds])
+        start = 1.0
+        if reference_latents is not None and cfg.edit_strength < 1.0:  # SDEdit from the noised reference
+            start = cfg.edit_strength
+            noise = (1.0 - start) * reference_latents + start * noise
         latents = euler_sample(
             lambda x, sigma, c: self.model.velocity(x, sigma, c[0], reference=c[1]),
             noise,
@@ -221,6 +215,7 @@ class NextPipeline:
             uncond=(null, ref),
             num_steps=steps or cfg.steps,
             guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+            start=start,
             progress=progress,
         )
         return to_images(self.encoders.decode(latents))

@@ -46,6 +46,20 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devic
     )
 
 
+def expand_requests(
+    prompt: str | Sequence[str], seed: int | Sequence[int], num_images: int
+) -> tuple[list[str], list[int]]:
+    """One prompt and one seed per image, prompt-major: ``seed`` is one int or one per prompt, and image k
+    of a prompt with seed s gets seed s + k."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one int or one per prompt")
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    return [p for p in prompts for _ in range(num_images)], [s + k for s in seeds for k in range(num_images)]
+
+
 class BLIP3oPipeline:
     """Generation and understanding with a trained BLIP3-o model (see the module docstring)."""
 
@@ -115,15 +129,8 @@ class BLIP3oPipeline:
     ) -> list[Image.Image]:
         """Images for each prompt (``num_images`` each, prompt-major). ``seed``: one int, or one per prompt;
         image k of a prompt with seed s uses seed s + k."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one int or one per prompt")
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        all_prompts, all_seeds = expand_requests(prompt, seed, num_images)
         gen = self.cfg.generation
-        all_prompts = [p for p in prompts for _ in range(num_images)]
-        all_seeds = [s + k for s in seeds for k in range(num_images)]
         ids, mask = generation_inputs(self.tokenizer, all_prompts)
         cond = self.model.condition(ids, mask)  # (B, N, D)
         if gen.objective == "mse":

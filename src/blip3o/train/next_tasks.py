@@ -7,7 +7,8 @@
   states of the scale token and codes condition the pixel decoder's SANA over VAE latents (flow
   matching), which starts from the ``decoder`` stage and stays frozen but for ``NextConfig.train_sana``.
   Rows mix text-to-image on captions, edit triplets (reference codes in the prompt, reference latents
-  into SANA) and image → text.
+  into SANA, a share of the target's input codes corrupted: ``NextConfig.edit_corruption``) and
+  image → text.
 - ``instruct``: the same losses from the ``next`` weights on a curated set, the shapes analogue of
   BLIP3o-60k: an equal number of scenes per GenEval tag, each asked for by its GenEval-style prompt
   or by its caption (``prompt_fraction``).
@@ -35,7 +36,7 @@ from blip3o.diffusion.flow import flow_loss
 from blip3o.models.build import Encoders, load_weights
 from blip3o.models.heads import map_to_tokens
 from blip3o.models.image_tokenizer import ImageTokenizer, codebook_usage, perplexity
-from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary
+from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary, condition_positions
 from blip3o.train.tasks import DESCRIBE, StageTask, causal_lm_loss, flow_step
 
 
@@ -181,7 +182,10 @@ class NextTask(StageTask):
             j = [self.edit_of[i] for i in edits]
             codes = torch.cat([self.codes[t2i], self.edit_codes[j]])
             refs = [None] * len(t2i) + self.codes[edits].tolist()
-            out["image"] = image_rows(self.tokenizer, self.vocab, texts, codes, refs, cfg.train_prompt_text)
+            rows = image_rows(self.tokenizer, self.vocab, texts, codes, refs, cfg.train_prompt_text)
+            if edits and cfg.edit_corruption > 0:
+                rows["input_ids"] = self.corrupt(rows, len(t2i), out["seed"])
+            out["image"] = rows
             out["latents"] = torch.cat([self.latents[t2i], self.edit_latents[j]])
             reference = torch.zeros_like(out["latents"])
             reference[len(t2i) :] = self.latents[edits]
@@ -195,6 +199,17 @@ class NextTask(StageTask):
                 answers.append(pair["answer"] or self.data.meta[i]["caption"])
             out["text"] = text_rows(self.tokenizer, self.vocab, self.codes[und], questions, answers)
         return out
+
+    def corrupt(self, rows: dict[str, torch.Tensor], first_edit: int, seed: int) -> torch.Tensor:
+        """Input ids with ``edit_corruption`` of the written codes of rows ``first_edit``… (the edit rows)
+        replaced by uniformly drawn codes; labels are left as they are."""
+        g = torch.Generator().manual_seed(seed + 1)
+        ids = rows["input_ids"].clone()
+        written = condition_positions(ids, rows["attention_mask"], self.vocab) & self.vocab.is_code(ids)
+        written[:first_edit] = False
+        hit = written & (torch.rand(ids.shape, generator=g) < self.next_cfg.edit_corruption)
+        random_codes = torch.randint(*self.vocab.code_range, ids.shape, generator=g)
+        return torch.where(hit, random_codes, ids)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = self.next_cfg

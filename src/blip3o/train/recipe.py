@@ -142,7 +142,11 @@ def link_shared(cfg: RunConfig, out: Path, source: Path) -> list[str]:
         return {
             "world": to_dict(c.world),
             "recipe.vocab_size": c.recipe.vocab_size,
-            **{f"model.{k}": to_dict(getattr(c.model, k)) for k in ("vision", "vae", "decoder")},
+            **{f"model.{k}": to_dict(getattr(c.model, k)) for k in ("vision", "vae")},
+            # The decoder's weights, not how it is sampled.
+            "model.decoder": {
+                k: v for k, v in to_dict(c.model.decoder).items() if k not in ("steps", "guidance_scale")
+            },
             **{f"recipe.{k}": to_dict(c.recipe.stage(k)) for k in SHARED_STAGES},
         }
 
