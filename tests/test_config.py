@@ -116,7 +116,9 @@ def test_unknown_key_names_dotted_key_and_lists_allowed_keys() -> None:
         from_dict(RunConfig, {"world": {"colour": "red"}})
     assert info.value.key == "world.colour"
     assert "allowed keys: size, text_size, seed, n_train" in str(info.value)
-    with pytest.raises(ConfigError, match=r"^decoder: unknown key; allowed keys: name, world, eval, model, recipe, next$"):
+    with pytest.raises(
+        ConfigError, match=r"^decoder: unknown key; allowed keys: name, world, eval, model, recipe, next$"
+    ):
         from_dict(RunConfig, {"decoder": {}})
 
 

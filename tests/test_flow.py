@@ -307,3 +307,21 @@ def test_progress_bar_runs(capsys):
     velocity = TinyVelocity(seed=3)
     out = euler_sample(velocity, torch.randn(1, 2, 3, 4, generator=gen(18)), None, num_steps=2, progress=True)
     assert torch.isfinite(out).all()
+
+
+def test_euler_sample_from_a_partly_noised_sample_sdedit():
+    """With the exact velocity of a straight path to x0, v = (x − x0)/σ, Euler lands on x0 from any start;
+    ``start`` = s takes x = (1 − s)·x0 + s·ε and runs ``num_steps`` steps with σ from s down to 0."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    seen = []
+
+    def velocity(x, sigma, cond):
+        seen.append(float(sigma[0]))
+        return (x - cond) / sigma[:, None]
+
+    out = euler_sample(velocity, 0.4 * x0 + 0.6 * eps, x0, num_steps=5, start=0.6)
+    torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)
+    assert len(seen) == 5 and abs(seen[0] - 0.6) < 1e-6 and seen == sorted(seen, reverse=True)
+    with pytest.raises(ValueError, match=r"start must be in \(0, 1\]"):
+        euler_sample(velocity, eps, x0, start=1.5)

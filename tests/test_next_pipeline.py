@@ -225,3 +225,19 @@ def test_edit_rows_corrupt_only_the_written_codes_of_edit_rows(run):
     assert not changed[:n_t2i].any()  # text-to-image rows are left alone
     share = changed[n_t2i:].sum() / written[n_t2i:].sum()
     assert 0.3 < share < 0.6  # about half, less the codes redrawn to themselves
+
+
+def test_edit_strength_starts_from_the_noised_reference(run):
+    """With ``next.edit_strength`` near 0 SANA starts almost at the reference's latents and barely moves, so
+    the edit is the VAE's reconstruction of the reference."""
+    from blip3o.config.io import apply_overrides
+    from blip3o.data.processing import to_images, to_pixels
+    from blip3o.data.world_data import load_split
+
+    pipe = load_pipeline(run[0])
+    pipe.apply_sampling(apply_overrides(resolve("tiny-next"), ["next.edit_strength=0.001"]))
+    source = to_images(to_pixels(load_split(run[0] / "world", "heldout").images[:1]))[0]
+    edited = pipe.edit(source, "make the red circle blue", seed=0)[0]
+    pixels = to_pixels([source])
+    recon = to_images(pipe.encoders.decode(pipe.encoders.latents(pixels)))[0]
+    np.testing.assert_allclose(np.asarray(edited, dtype=float), np.asarray(recon, dtype=float), atol=3)
