@@ -68,7 +68,7 @@ def run_demo(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict[
         summary["blip3o"] = {k: v for k, v in model.items() if k != "answers"}
     nxt = _train_and_evaluate_next(cfg, out, progress) if "decoder" in cfg.recipe.stages else None
     if nxt is not None:
-        summary["next"] = {k: v for k, v in nxt.items() if k not in ("edits", "cfg")}
+        summary["next"] = {k: v for k, v in nxt.items() if k != "cfg"}
     summary["seconds"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _report(out, cfg, world, results, summary, list(zip(text_images, words, reads, rewards, strict=True)), model, nxt)

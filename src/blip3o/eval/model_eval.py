@@ -113,7 +113,7 @@ def edit_run(
     Writes ``out/images/{k:05d}_{source,edit,target}.png`` and ``out/edit_results.jsonl`` (one line per
     triplet, then the summary line).
     """
-    from blip3o.data.processing import to_images
+    from blip3o.data.processing import to_images, to_pixels
     from blip3o.data.world_data import load_split
     from blip3o.eval.edit import EditScorer, summarise_edits
 
@@ -127,10 +127,10 @@ def edit_run(
     for start in tqdm(range(0, len(rows), batch_size), desc="edit", disable=not progress, unit="batch"):
         chunk = rows[start : start + batch_size]
         scenes = [data.edited[j] for j in chunk]
-        sources = to_images(data.images[scenes].float().div(127.5).sub(1))
+        sources = to_images(to_pixels(data.images[scenes]))
         metas = [data.meta[i] for i in scenes]
         edited = pipe.edit(sources, [m["edit"]["instruction"] for m in metas], seed=[seed + j for j in chunk])
-        targets = to_images(data.edit_images[chunk].float().div(127.5).sub(1))
+        targets = to_images(to_pixels(data.edit_images[chunk]))
         for j, src, im, tgt, meta in zip(chunk, sources, edited, targets, metas, strict=True):
             for name, picture in (("source", src), ("edit", im), ("target", tgt)):
                 picture.save(images_dir / f"{j:05d}_{name}.png")

@@ -20,17 +20,17 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from blip3o.config import RunConfig, load_yaml
+from blip3o.config.next import NextConfig
 from blip3o.data.next_inputs import image_prompts, text_rows
 from blip3o.data.processing import to_images, to_pixels
 from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
 from blip3o.diffusion.sampler import euler_sample
 from blip3o.infer.ar_sampling import sample_image_tokens
-from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, expand_requests, require, seeded_noise
+from blip3o.infer.pipeline import MODEL_FILE, expand_requests, load_encoders, require, seeded_noise
 from blip3o.models.build import Encoders, load_weights
-from blip3o.models.heads import map_to_tokens
 from blip3o.models.image_tokenizer import ImageTokenizer
 from blip3o.models.next import BLIP3oNext, add_image_vocabulary
-from blip3o.train.next_tasks import build_image_tokenizer
+from blip3o.train.next_tasks import build_image_tokenizer, image_codes
 
 NOISE_OFFSET = 7919
 """Added to an image's seed for its SANA noise, so token draws and latent noise are independent streams."""
@@ -63,15 +63,7 @@ class NextPipeline:
         tokenizer = load_tokenizer(run / "tokenizer")
         text_vocab = len(tokenizer)
         vocab = add_image_vocabulary(tokenizer, cfg.next.codebook_size, cfg.next.num_scales)
-        from safetensors.torch import load_file
-
-        enc = Encoders.from_weights(
-            cfg.model,
-            text_vocab,
-            require(run / "clip" / MODEL_FILE, "clip"),
-            require(run / "vae" / MODEL_FILE, "vae"),
-            load_file(str(require(run / SCALES_FILE, "clip and vae"))),
-        )
+        enc = load_encoders(run, cfg.model, text_vocab)
         image_tokenizer = build_image_tokenizer(cfg.next, cfg.model)
         load_weights(image_tokenizer, require(run / "image_tokenizer" / MODEL_FILE, "image_tokenizer"))
         model = BLIP3oNext.from_config(cfg.next, vocab)
@@ -94,7 +86,7 @@ class NextPipeline:
     def codes(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
         """Image codes (B, N) of PIL images (or pixels (B, 3, H, W) in [-1, 1])."""
         pixels = images if isinstance(images, torch.Tensor) else to_pixels(images, self.cfg.model.vision.image_size)
-        return self.image_tokenizer.encode(map_to_tokens(self.encoders.clip(pixels)))
+        return image_codes(self.encoders, self.image_tokenizer, pixels)
 
     @torch.no_grad()
     def __call__(
@@ -114,19 +106,8 @@ class NextPipeline:
         image k of a prompt with seed s uses seed s + k. Sampling settings default to the config's
         (``top_k=-1`` means the config's; ``None`` keeps every code)."""
         prompts, seeds = expand_requests(prompt, seed, num_images)
-        return self._images(
-            prompts,
-            seeds,
-            None,
-            None,
-            guidance_scale,
-            num_inference_steps,
-            temperature,
-            top_k,
-            top_p,
-            ar_guidance_scale,
-            progress,
-        )
+        settings = self._settings(guidance_scale, num_inference_steps, temperature, top_k, top_p, ar_guidance_scale)
+        return self._images(prompts, seeds, settings, progress=progress)
 
     @torch.no_grad()
     def edit(
@@ -151,51 +132,61 @@ class NextPipeline:
             raise ValueError(f"got {len(instructions)} instructions for {len(images)} images")
         prompts, seeds = expand_requests(instructions, seed, num_images)
         pixels = to_pixels(images, self.cfg.model.vision.image_size).repeat_interleave(num_images, dim=0)
-        return self._images(
-            prompts,
-            seeds,
-            self.codes(pixels),
-            self.encoders.latents(pixels),
-            guidance_scale,
-            num_inference_steps,
-            temperature,
-            top_k,
-            top_p,
-            ar_guidance_scale,
-            progress,
-        )
+        settings = self._settings(guidance_scale, num_inference_steps, temperature, top_k, top_p, ar_guidance_scale)
+        return self._images(prompts, seeds, settings, self.codes(pixels), self.encoders.latents(pixels), progress)
 
-    def _images(
+    def _settings(
         self,
-        prompts: list[str],
-        seeds: list[int],
-        reference_codes: torch.Tensor | None,
-        reference_latents: torch.Tensor | None,
         guidance_scale: float | None,
         steps: int | None,
         temperature: float | None,
         top_k: int | None,
         top_p: float | None,
         ar_guidance_scale: float | None,
-        progress: bool,
+    ) -> NextConfig:
+        """The config's sampling settings with the given ones in their place (``None`` keeps the config's,
+        except for ``top_k``, where ``-1`` does and ``None`` keeps every code)."""
+        given = {
+            "guidance_scale": guidance_scale,
+            "steps": steps,
+            "temperature": temperature,
+            "top_p": top_p,
+            "ar_guidance_scale": ar_guidance_scale,
+        }
+        changes = {k: v for k, v in given.items() if v is not None}
+        if top_k != -1:
+            changes["top_k"] = top_k
+        return replace(self.next, **changes)
+
+    def _images(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        cfg: NextConfig,
+        reference_codes: torch.Tensor | None = None,
+        reference_latents: torch.Tensor | None = None,
+        progress: bool = False,
     ) -> list[Image.Image]:
-        cfg, vocab = self.next, self.model.vocab
+        vocab = self.model.vocab
         refs = None if reference_codes is None else reference_codes.tolist()
         ids, mask = image_prompts(self.tokenizer, vocab, prompts, refs)
-        ar_scale = cfg.ar_guidance_scale if ar_guidance_scale is None else ar_guidance_scale
         uncond = {}
-        if ar_scale != 1.0:
+        if cfg.ar_guidance_scale != 1.0:
             u_ids, u_mask = image_prompts(self.tokenizer, vocab, [""] * len(prompts), refs)
-            uncond = {"uncond_input_ids": u_ids, "uncond_attention_mask": u_mask, "guidance_scale": ar_scale}
+            uncond = {
+                "uncond_input_ids": u_ids,
+                "uncond_attention_mask": u_mask,
+                "guidance_scale": cfg.ar_guidance_scale,
+            }
         sample = sample_image_tokens(
             self.model.backbone,
             ids,
             mask,
             cfg.image_tokens,
             vocab.code_range,
-            temperature=cfg.temperature if temperature is None else temperature,
-            top_k=cfg.top_k if top_k == -1 else top_k,
-            top_p=cfg.top_p if top_p is None else top_p,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
             seeds=seeds,
             prompt_hidden=1,  # <S0>
             **uncond,
@@ -213,8 +204,8 @@ class NextPipeline:
             noise,
             (cond, ref),
             uncond=(null, ref),
-            num_steps=steps or cfg.steps,
-            guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+            num_steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
             start=start,
             progress=progress,
         )

@@ -46,6 +46,17 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devic
     )
 
 
+def load_encoders(run: Path, cfg: ModelConfig, text_vocab_size: int) -> Encoders:
+    """The frozen mini-CLIP vision tower and VAE of a run directory, with its measured scales."""
+    return Encoders.from_weights(
+        cfg,
+        text_vocab_size,
+        require(run / "clip" / MODEL_FILE, "clip"),
+        require(run / "vae" / MODEL_FILE, "vae"),
+        load_file(str(require(run / SCALES_FILE, "clip and vae"))),
+    )
+
+
 def expand_requests(
     prompt: str | Sequence[str], seed: int | Sequence[int], num_images: int
 ) -> tuple[list[str], list[int]]:
@@ -87,14 +98,7 @@ class BLIP3oPipeline:
         run = Path(run)
         cfg = load_yaml(require(run / "config.yaml", "any"), RunConfig).model
         tokenizer = load_tokenizer(run / "tokenizer")
-        scales = load_file(str(require(run / SCALES_FILE, "clip and vae")))
-        enc = Encoders.from_weights(
-            cfg,
-            len(tokenizer),
-            require(run / "clip" / MODEL_FILE, "clip"),
-            require(run / "vae" / MODEL_FILE, "vae"),
-            scales,
-        )
+        enc = load_encoders(run, cfg, len(tokenizer))
         model = build_blip3o(cfg, tokenizer, enc.vision)
         stage = "generation" if (run / "generation" / MODEL_FILE).is_file() else "understanding"
         load_weights(model, require(run / stage / MODEL_FILE, stage))

@@ -46,6 +46,12 @@ def build_image_tokenizer(cfg: NextConfig, enc_cfg) -> ImageTokenizer:
 
 
 @torch.no_grad()
+def image_codes(enc: Encoders, image_tokenizer: ImageTokenizer, pixels: torch.Tensor) -> torch.Tensor:
+    """Codes (B, n) of pixels (B, 3, H, W) in [-1, 1]: the tokenizer over the standardised CLIP map."""
+    return image_tokenizer.encode(map_to_tokens(enc.clip(pixels)))
+
+
+@torch.no_grad()
 def encode_images(
     images: torch.Tensor, enc: Encoders, image_tokenizer: ImageTokenizer | None, chunk: int = 256
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -54,7 +60,7 @@ def encode_images(
     for start in range(0, len(images), chunk):
         pixels = to_pixels(images[start : start + chunk])
         if image_tokenizer is not None:
-            codes.append(image_tokenizer.encode(map_to_tokens(enc.clip(pixels))))
+            codes.append(image_codes(enc, image_tokenizer, pixels))
         latents.append(enc.latents(pixels))
     return (torch.cat(codes) if codes else None), torch.cat(latents)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from blip3o.config import RunConfig, dump_yaml
 from blip3o.config.io import load_yaml, to_dict
@@ -34,7 +34,7 @@ from blip3o.config.recipe import SHARED_STAGES, STAGES
 from blip3o.config.train import TrainConfig
 from blip3o.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 from blip3o.data.world_data import load_split
-from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, require
+from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, load_encoders, require
 from blip3o.models.build import Encoders, measure_scales, unit_scales
 from blip3o.train.distributed import init_distributed
 from blip3o.train.next_tasks import ImageTokenizerTask, NextTask, codebook_report
@@ -70,7 +70,7 @@ def encoders(cfg: RunConfig, out: Path) -> Encoders:
         tmp = scales_path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
         os.replace(tmp, scales_path)
-    return Encoders.from_weights(cfg.model, vocab, clip_w, vae_w, load_file(str(scales_path)))
+    return load_encoders(out, cfg.model, vocab)
 
 
 def stage_config(cfg: RunConfig, stage: str) -> TrainConfig:
@@ -99,25 +99,14 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
     if stage == "image_tokenizer":
         return ImageTokenizerTask(*common, **kwargs, next_cfg=cfg.next)
     if stage in ("next", "instruct"):
+        if stage == "next":  # SANA from the pixel decoder, images asked for by caption
+            start = {"decoder": require(out / "decoder" / MODEL_FILE, "decoder")}
+            data = {"prompt_fraction": cfg.recipe.next_prompt_fraction}
+        else:  # from the next stage, on the curated set
+            start = {"init": require(out / "next" / MODEL_FILE, "next")}
+            data = {"prompt_fraction": cfg.recipe.instruct_prompt_fraction, "curated": cfg.recipe.instruct_per_tag}
         image_tokenizer = require(out / "image_tokenizer" / MODEL_FILE, "image_tokenizer")
-        if stage == "next":
-            return NextTask(
-                *common,
-                **kwargs,
-                next_cfg=cfg.next,
-                image_tokenizer=image_tokenizer,
-                decoder=require(out / "decoder" / MODEL_FILE, "decoder"),
-                prompt_fraction=cfg.recipe.next_prompt_fraction,
-            )
-        return NextTask(
-            *common,
-            **kwargs,
-            next_cfg=cfg.next,
-            image_tokenizer=image_tokenizer,
-            init=require(out / "next" / MODEL_FILE, "next"),
-            prompt_fraction=cfg.recipe.instruct_prompt_fraction,
-            curated=cfg.recipe.instruct_per_tag,
-        )
+        return NextTask(*common, **kwargs, next_cfg=cfg.next, image_tokenizer=image_tokenizer, **start, **data)
     weight = cfg.recipe.joint_weight if cfg.recipe.training == "joint" else 0.0
     init = require(out / "understanding" / MODEL_FILE, "understanding")
     return GenerationTask(*common, **kwargs, init=init, joint_weight=weight)
