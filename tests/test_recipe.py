@@ -149,3 +149,47 @@ def test_interrupted_stage_needs_resume_and_then_matches(tmp_path, capsys):
         for r in ("a", "b")
     ]
     assert len(losses[0]) == 6 and losses[0] == losses[1]
+
+
+def test_a_run_given_only_a_vae_trains_its_clip_before_measuring_scales(tiny_run, tmp_path):
+    """Linking a finished VAE (and world, tokenizer) into a new run must not make the recipe measure
+    target scales before the run's own mini-CLIP exists."""
+    for name in ("world", "tokenizer", "vae"):
+        (tmp_path / name).symlink_to(tiny_run / name, target_is_directory=True)
+    run_recipe(resolve("tiny-debug"), tmp_path, progress=False)
+    assert (tmp_path / "clip" / "model.safetensors").is_file()
+    assert (tmp_path / "scales.safetensors").is_file()
+
+
+def test_decoder_and_generation_batches_serve_the_encoders_outputs(tiny_run):
+    """Targets are encoded once per stage; a batch holds exactly what the frozen encoders give its images."""
+    from blip3o.data.processing import to_pixels
+    from blip3o.models.heads import map_to_tokens
+    from blip3o.train.recipe import make_task
+
+    cfg = resolve("tiny-debug")
+    dec, gen = make_task("decoder", cfg, tiny_run), make_task("generation", cfg, tiny_run)
+    idx = dec.indices(3, 0, 0, 1)
+    pixels = to_pixels(dec.data.images[idx])
+    with torch.no_grad():
+        clip, latents = dec.enc.clip(pixels), dec.enc.latents(pixels)
+    batch = dec.batch(3, 0, 0, 1)
+    torch.testing.assert_close(batch["clip"], map_to_tokens(clip))
+    torch.testing.assert_close(batch["latents"], latents)
+    torch.testing.assert_close(gen.batch(3, 0, 0, 1)["x0"], clip)
+
+
+def test_generation_rows_ask_by_prompt_or_caption(tiny_run):
+    from blip3o.data.processing import generation_inputs
+    from blip3o.train.recipe import make_task
+
+    def asked(fraction: float) -> tuple:
+        task = make_task(
+            "generation", resolve("tiny-debug", [f"recipe.generation_prompt_fraction={fraction}"]), tiny_run
+        )
+        return task, task.batch(2, 0, 0, 1)["input_ids"]
+
+    for fraction, key in ((1.0, "prompt"), (0.0, "caption")):
+        task, ids = asked(fraction)
+        texts = [task.data.meta[i][key] for i in task.indices(2, 0, 0, 1)]
+        assert torch.equal(ids, generation_inputs(task.tokenizer, texts)[0])

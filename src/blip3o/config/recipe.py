@@ -64,6 +64,9 @@ class RecipeConfig:
     """BLIP3o-NEXT pre-training; with ``trainable`` empty it trains the backbone, connector and ``next.train_sana``."""
     instruct: TrainConfig = field(default_factory=lambda: _stage(400, 32, 3e-4))
     """Instruction tuning, from the next stage's weights; ``trainable`` as for ``next``."""
+    generation_prompt_fraction: float = 1.0
+    """BLIP3-o generation: share of rows asked for by the GenEval-style prompt instead of the caption
+    (the paper pre-trains on detailed and short captions alike)."""
     next_prompt_fraction: float = 0.0
     """NEXT pre-training: share of text-to-image rows asked for by the GenEval-style prompt instead of the
     caption (0: captions only, as pre-training on descriptive captions)."""
@@ -80,6 +83,7 @@ class RecipeConfig:
             raise ConfigError(f"stages must keep the order {', '.join(STAGES)}", key="recipe.stages")
         check_float("recipe.joint_weight", self.joint_weight, ge=0)
         check_int("recipe.vocab_size", self.vocab_size, ge=300)
+        check_float("recipe.generation_prompt_fraction", self.generation_prompt_fraction, ge=0, le=1)
         check_float("recipe.next_prompt_fraction", self.next_prompt_fraction, ge=0, le=1)
         check_float("recipe.instruct_prompt_fraction", self.instruct_prompt_fraction, ge=0, le=1)
         check_int("recipe.instruct_per_tag", self.instruct_per_tag, ge=1)

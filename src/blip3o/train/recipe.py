@@ -109,7 +109,9 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
         return NextTask(*common, **kwargs, next_cfg=cfg.next, image_tokenizer=image_tokenizer, **start, **data)
     weight = cfg.recipe.joint_weight if cfg.recipe.training == "joint" else 0.0
     init = require(out / "understanding" / MODEL_FILE, "understanding")
-    return GenerationTask(*common, **kwargs, init=init, joint_weight=weight)
+    return GenerationTask(
+        *common, **kwargs, init=init, joint_weight=weight, prompt_fraction=cfg.recipe.generation_prompt_fraction
+    )
 
 
 def finished(stage_dir: Path, steps: int) -> bool:
@@ -178,7 +180,9 @@ def run_recipe(
             log.info("linked %s from %s", ", ".join(linked) or "nothing", reuse)
         dump_yaml(cfg, out / "config.yaml")
         prepare(cfg, out, progress)
-        if any(s in cfg.recipe.stages for s in STAGES[2:]) and (out / "vae" / MODEL_FILE).is_file():
+        if any(s in cfg.recipe.stages for s in STAGES[2:]) and all(
+            (out / s / MODEL_FILE).is_file() for s in ("clip", "vae")
+        ):
             encoders(cfg, out)
     if multi_rank:
         dist.barrier()

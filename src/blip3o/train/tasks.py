@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,12 @@ class StageTask:
     def generator(self, step: int, micro: int, rank: int) -> int:
         """A seed for this micro-batch's noise, so that a resumed run draws the same noise."""
         return (self.seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**31)
+
+    @torch.no_grad()
+    def encode_all(self, encode: Callable[[torch.Tensor], torch.Tensor], chunk: int = 256) -> torch.Tensor:
+        """``encode`` (a frozen encoder of pixels) over every training image once, in chunks."""
+        images = self.data.images
+        return torch.cat([encode(to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)])
 
 
 class TaggedSiglip(nn.Module):
@@ -225,13 +233,15 @@ class DecoderTask(StageTask):
         c, side, _ = self.cfg.latent_shape
         return PixelDecoder(self.cfg.decoder, c, side, self.cfg.vision.hidden_size)
 
+    @cached_property
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised CLIP tokens and VAE latents of every training image (the encoders are frozen)."""
+        return map_to_tokens(self.encode_all(self.enc.clip)), self.encode_all(self.enc.latents)
+
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
-        pixels = to_pixels(self.data.images[self.indices(step, micro, rank, world_size)])
-        return {
-            "latents": self.enc.latents(pixels),
-            "clip": map_to_tokens(self.enc.clip(pixels)),
-            "seed": self.generator(step, micro, rank),
-        }
+        idx = self.indices(step, micro, rank, world_size)
+        clip, latents = self.targets
+        return {"latents": latents[idx], "clip": clip[idx], "seed": self.generator(step, micro, rank)}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         sigma, x_t, target, keep = flow_step(
@@ -300,12 +310,16 @@ class GenerationTask(StageTask):
     """Text → image: query-conditioned flow matching (or MSE) on CLIP maps or VAE latents.
 
     ``joint_weight`` > 0 mixes an understanding batch into every step (joint training); with the
-    backbone frozen (sequential training) it must be 0.
+    backbone frozen (sequential training) it must be 0. ``prompt_fraction``: share of rows asked for by
+    the scene's GenEval-style prompt; the others by its caption, which names every object's colour
+    and place.
     """
 
-    def __init__(self, *args: Any, init: str | Path, joint_weight: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, init: str | Path, joint_weight: float = 0.0, prompt_fraction: float = 1.0, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.init, self.joint_weight = init, joint_weight
+        self.init, self.joint_weight, self.prompt_fraction = init, joint_weight, prompt_fraction
 
     def build_model(self) -> nn.Module:
         model = build_blip3o(self.cfg, self.tokenizer, copy.deepcopy(self.enc.vision))
@@ -313,16 +327,20 @@ class GenerationTask(StageTask):
         load_weights(model, self.init, skip=("head.", "queries"))
         return model
 
-    def target(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.enc.clip(pixels) if self.cfg.generation.target == "clip" else self.enc.latents(pixels)
+    @cached_property
+    def targets(self) -> torch.Tensor:
+        """The generation target (standardised CLIP map or VAE latents) of every training image."""
+        return self.encode_all(self.enc.clip if self.cfg.generation.target == "clip" else self.enc.latents)
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
-        ids, mask = generation_inputs(self.tokenizer, [self.data.meta[i]["prompt"] for i in idx])
+        rng = random.Random(f"{self.seed}-gen-{step}-{micro}-{rank}")
+        texts = [self.data.meta[i]["prompt" if rng.random() < self.prompt_fraction else "caption"] for i in idx]
+        ids, mask = generation_inputs(self.tokenizer, texts)
         out = {
             "input_ids": ids,
             "attention_mask": mask,
-            "x0": self.target(to_pixels(self.data.images[idx])),
+            "x0": self.targets[idx],
             "seed": self.generator(step, micro, rank),
         }
         if self.joint_weight > 0:
