@@ -256,7 +256,7 @@ def test_text_rows_ask_for_the_world_words_and_target_their_scenes(run):
     prompts = [task.tokenizer.decode(row, skip_special_tokens=True) for row in batch["image"]["input_ids"]]
     for prompt, w in zip(prompts, picked, strict=True):
         assert f'"{task.data.text_meta[w]["text"]}"' in prompt
-    torch.testing.assert_close(batch["latents"], task.text_latents[picked])
+    torch.testing.assert_close(batch["latents"], task.encoded["text_latents"][picked])
     side = task.data.images.shape[-1]  # text scenes are resized to the scenes' side before encoding
     resized = torch.nn.functional.interpolate(
         task.data.text_images[picked].float(), size=(side, side), mode="bilinear", antialias=True
@@ -264,3 +264,17 @@ def test_text_rows_ask_for_the_world_words_and_target_their_scenes(run):
     _, latents = encode_images(resized.round().clamp(0, 255).to(torch.uint8), task.enc, None)
     torch.testing.assert_close(batch["latents"], latents)
     assert not batch["reference"].any()
+
+
+def test_a_finished_stage_encodes_nothing_and_a_batch_serves_the_encoders_codes(run):
+    from blip3o.data.processing import to_pixels
+    from blip3o.train.next_tasks import image_codes
+    from blip3o.train.recipe import make_task
+
+    out, _ = run
+    task = make_task("next", resolve("tiny-next"), out)
+    assert "encoded" not in task.__dict__  # rerunning a finished recipe builds the task, never a batch
+    idx = task.indices(0, 0, 0, 1)
+    with torch.no_grad():
+        codes = image_codes(task.enc, task.image_tokenizer, to_pixels(task.data.images[idx]))
+    assert torch.equal(task.encoded["codes"][idx], codes)

@@ -13,14 +13,15 @@
   BLIP3o-60k: an equal number of scenes per GenEval tag, each asked for by its GenEval-style prompt
   or by its caption (``prompt_fraction``).
 
-Image codes and VAE latents of the training images are computed once when the task is built (the
-encoders are frozen), so a step only runs the trained model.
+Image codes and VAE latents of the training images are computed once, at the first batch (the
+encoders are frozen), so a step only runs the trained model and a finished stage encodes nothing.
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -150,18 +151,31 @@ class NextTask(StageTask):
         n = self.image_tokenizer.num_tokens(0)
         if n != next_cfg.image_tokens:
             raise ValueError(f"next.image_tokens is {next_cfg.image_tokens} but the image tokenizer writes {n}")
-        self.codes, self.latents = encode_images(self.data.images, self.enc, self.image_tokenizer)
-        self.edit_codes, self.edit_latents = encode_images(self.data.edit_images, self.enc, self.image_tokenizer)
+        if next_cfg.text_fraction > 0 and not self.data.text_meta:
+            raise ValueError("next.text_fraction > 0 but the world has no text scenes (world.text_fraction = 0)")
         self.edit_of = {scene: j for j, scene in enumerate(self.data.edited)}
-        self.text_codes, self.text_latents = self.codes[:0], self.latents[:0]  # none unless text rows are asked for
-        if next_cfg.text_fraction > 0:
-            if not self.data.text_meta:
-                raise ValueError("next.text_fraction > 0 but the world has no text scenes (world.text_fraction = 0)")
+        self.pool = curated_indices(self.data.meta, curated, self.seed) if curated else None
+
+    @cached_property
+    def encoded(self) -> dict[str, torch.Tensor]:
+        """Codes and latents of the scenes, of their edited versions and of the text scenes (none unless
+        text rows are asked for), encoded at the first batch, so that a finished stage encodes nothing."""
+        codes, latents = encode_images(self.data.images, self.enc, self.image_tokenizer)
+        edit_codes, edit_latents = encode_images(self.data.edit_images, self.enc, self.image_tokenizer)
+        text_codes, text_latents = codes[:0], latents[:0]
+        if self.next_cfg.text_fraction > 0:
             side = self.data.images.shape[-1]  # text scenes have their own size (world.text_size)
             texts = F.interpolate(self.data.text_images.float(), size=(side, side), mode="bilinear", antialias=True)
             texts = texts.round().clamp(0, 255).to(torch.uint8)
-            self.text_codes, self.text_latents = encode_images(texts, self.enc, self.image_tokenizer)
-        self.pool = curated_indices(self.data.meta, curated, self.seed) if curated else None
+            text_codes, text_latents = encode_images(texts, self.enc, self.image_tokenizer)
+        return {
+            "codes": codes,
+            "latents": latents,
+            "edit_codes": edit_codes,
+            "edit_latents": edit_latents,
+            "text_codes": text_codes,
+            "text_latents": text_latents,
+        }
 
     def build_model(self) -> nn.Module:
         model = BLIP3oNext.from_config(self.next_cfg, self.vocab)
@@ -192,22 +206,23 @@ class NextTask(StageTask):
             else:
                 t2i.append(i)
         out: dict[str, Any] = {"seed": self.generator(step, micro, rank)}
+        e = self.encoded
         if t2i or words or edits:
             meta = self.data.meta
             texts = [meta[i]["prompt"] if rng.random() < self.prompt_fraction else meta[i]["caption"] for i in t2i]
             texts += [self.data.text_meta[w]["prompt"] for w in words]
             texts += [meta[i]["edit"]["instruction"] for i in edits]
             j = [self.edit_of[i] for i in edits]
-            codes = torch.cat([self.codes[t2i], self.text_codes[words], self.edit_codes[j]])
+            codes = torch.cat([e["codes"][t2i], e["text_codes"][words], e["edit_codes"][j]])
             written = len(t2i) + len(words)
-            refs = [None] * written + self.codes[edits].tolist()
+            refs = [None] * written + e["codes"][edits].tolist()
             rows = image_rows(self.tokenizer, self.vocab, texts, codes, refs, cfg.train_prompt_text)
             if edits and cfg.edit_corruption > 0:
                 rows["input_ids"] = self.corrupt(rows, written, out["seed"])
             out["image"] = rows
-            out["latents"] = torch.cat([self.latents[t2i], self.text_latents[words], self.edit_latents[j]])
+            out["latents"] = torch.cat([e["latents"][t2i], e["text_latents"][words], e["edit_latents"][j]])
             reference = torch.zeros_like(out["latents"])
-            reference[written:] = self.latents[edits]
+            reference[written:] = e["latents"][edits]
             out["reference"] = reference
         if und:
             questions, answers = [], []
@@ -216,7 +231,7 @@ class NextTask(StageTask):
                 pair = rng.choice(qa) if qa and rng.random() < 0.75 else {"question": DESCRIBE, "answer": None}
                 questions.append(pair["question"])
                 answers.append(pair["answer"] or self.data.meta[i]["caption"])
-            out["text"] = text_rows(self.tokenizer, self.vocab, self.codes[und], questions, answers)
+            out["text"] = text_rows(self.tokenizer, self.vocab, e["codes"][und], questions, answers)
         return out
 
     def corrupt(self, rows: dict[str, torch.Tensor], first_edit: int, seed: int) -> torch.Tensor:
