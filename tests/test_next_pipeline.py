@@ -268,6 +268,7 @@ def test_text_rows_ask_for_the_world_words_and_target_their_scenes(run):
 
 def test_a_finished_stage_encodes_nothing_and_a_batch_serves_the_encoders_codes(run):
     from blip3o.data.processing import to_pixels
+    from blip3o.models.heads import map_to_tokens
     from blip3o.train.next_tasks import image_codes
     from blip3o.train.recipe import make_task
 
@@ -278,3 +279,8 @@ def test_a_finished_stage_encodes_nothing_and_a_batch_serves_the_encoders_codes(
     with torch.no_grad():
         codes = image_codes(task.enc, task.image_tokenizer, to_pixels(task.data.images[idx]))
     assert torch.equal(task.encoded["codes"][idx], codes)
+    tok_task = make_task("image_tokenizer", resolve("tiny-next"), out)
+    idx = tok_task.indices(1, 0, 0, 1)
+    with torch.no_grad():
+        features = map_to_tokens(tok_task.enc.clip(to_pixels(tok_task.data.images[idx])))
+    torch.testing.assert_close(tok_task.batch(1, 0, 0, 1)["features"], features)

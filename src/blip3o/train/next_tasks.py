@@ -32,14 +32,13 @@ from torch import nn
 
 from blip3o.config.next import NextConfig
 from blip3o.data.next_inputs import image_rows, text_rows
-from blip3o.data.processing import to_pixels
 from blip3o.data.world_data import load_split
 from blip3o.diffusion.flow import flow_loss
 from blip3o.models.build import Encoders, load_weights
 from blip3o.models.heads import map_to_tokens
 from blip3o.models.image_tokenizer import ImageTokenizer, codebook_usage, perplexity
 from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary, condition_positions
-from blip3o.train.tasks import DESCRIBE, StageTask, causal_lm_loss, flow_step
+from blip3o.train.tasks import DESCRIBE, StageTask, asked_text, causal_lm_loss, encode_in_chunks, flow_step
 
 
 def build_image_tokenizer(cfg: NextConfig, enc_cfg) -> ImageTokenizer:
@@ -58,13 +57,10 @@ def encode_images(
     images: torch.Tensor, enc: Encoders, image_tokenizer: ImageTokenizer | None, chunk: int = 256
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Codes (N, n) (None without a tokenizer) and standardised VAE latents (N, c, h, w) of uint8 images."""
-    codes, latents = [], []
-    for start in range(0, len(images), chunk):
-        pixels = to_pixels(images[start : start + chunk])
-        if image_tokenizer is not None:
-            codes.append(image_codes(enc, image_tokenizer, pixels))
-        latents.append(enc.latents(pixels))
-    return (torch.cat(codes) if codes else None), torch.cat(latents)
+    codes = None
+    if image_tokenizer is not None:
+        codes = encode_in_chunks(images, lambda pixels: image_codes(enc, image_tokenizer, pixels), chunk)
+    return codes, encode_in_chunks(images, enc.latents, chunk)
 
 
 @torch.no_grad()
@@ -73,7 +69,7 @@ def codebook_report(cfg, enc: Encoders, weights: str | Path, world: str | Path) 
     reconstruction MSE of a trained image tokenizer over the held-out images of a world."""
     tokenizer = load_weights(build_image_tokenizer(cfg.next, cfg.model), weights).eval()
     images = load_split(world, "heldout").images
-    features = torch.cat([map_to_tokens(enc.clip(to_pixels(images[s : s + 256]))) for s in range(0, len(images), 256)])
+    features = map_to_tokens(encode_in_chunks(images, enc.clip))
     ids = tokenizer.encode(features)
     k = cfg.next.codebook_size
     return {
@@ -95,9 +91,13 @@ class ImageTokenizerTask(StageTask):
     def build_model(self) -> nn.Module:
         return build_image_tokenizer(self.next_cfg, self.cfg)
 
+    @cached_property
+    def features(self) -> torch.Tensor:
+        """Standardised CLIP tokens of every training image (the tower is frozen), encoded at the first batch."""
+        return map_to_tokens(encode_in_chunks(self.data.images, self.enc.clip))
+
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
-        pixels = to_pixels(self.data.images[self.indices(step, micro, rank, world_size)])
-        return {"features": map_to_tokens(self.enc.clip(pixels))}
+        return {"features": self.features[self.indices(step, micro, rank, world_size)]}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = model(batch["features"])
@@ -209,7 +209,7 @@ class NextTask(StageTask):
         e = self.encoded
         if t2i or words or edits:
             meta = self.data.meta
-            texts = [meta[i]["prompt"] if rng.random() < self.prompt_fraction else meta[i]["caption"] for i in t2i]
+            texts = [asked_text(meta[i], self.prompt_fraction, rng) for i in t2i]
             texts += [self.data.text_meta[w]["prompt"] for w in words]
             texts += [meta[i]["edit"]["instruction"] for i in edits]
             j = [self.edit_of[i] for i in edits]

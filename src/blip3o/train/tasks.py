@@ -63,11 +63,19 @@ class StageTask:
         """A seed for this micro-batch's noise, so that a resumed run draws the same noise."""
         return (self.seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**31)
 
-    @torch.no_grad()
-    def encode_all(self, encode: Callable[[torch.Tensor], torch.Tensor], chunk: int = 256) -> torch.Tensor:
-        """``encode`` (a frozen encoder of pixels) over every training image once, in chunks."""
-        images = self.data.images
-        return torch.cat([encode(to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)])
+
+@torch.no_grad()
+def encode_in_chunks(
+    images: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor], chunk: int = 256
+) -> torch.Tensor:
+    """``encode`` (a frozen encoder of pixels in [-1, 1]) over uint8 images (N, 3, H, W), in chunks."""
+    return torch.cat([encode(to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)])
+
+
+def asked_text(meta: dict[str, Any], prompt_fraction: float, rng: random.Random) -> str:
+    """The text a generation row asks by: the scene's GenEval-style prompt with probability
+    ``prompt_fraction``, else its caption."""
+    return meta["prompt"] if rng.random() < prompt_fraction else meta["caption"]
 
 
 class TaggedSiglip(nn.Module):
@@ -236,7 +244,8 @@ class DecoderTask(StageTask):
     @cached_property
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised CLIP tokens and VAE latents of every training image (the encoders are frozen)."""
-        return map_to_tokens(self.encode_all(self.enc.clip)), self.encode_all(self.enc.latents)
+        images = self.data.images
+        return map_to_tokens(encode_in_chunks(images, self.enc.clip)), encode_in_chunks(images, self.enc.latents)
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
@@ -330,12 +339,13 @@ class GenerationTask(StageTask):
     @cached_property
     def targets(self) -> torch.Tensor:
         """The generation target (standardised CLIP map or VAE latents) of every training image."""
-        return self.encode_all(self.enc.clip if self.cfg.generation.target == "clip" else self.enc.latents)
+        encode = self.enc.clip if self.cfg.generation.target == "clip" else self.enc.latents
+        return encode_in_chunks(self.data.images, encode)
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
         rng = random.Random(f"{self.seed}-gen-{step}-{micro}-{rank}")
-        texts = [self.data.meta[i]["prompt" if rng.random() < self.prompt_fraction else "caption"] for i in idx]
+        texts = [asked_text(self.data.meta[i], self.prompt_fraction, rng) for i in idx]
         ids, mask = generation_inputs(self.tokenizer, texts)
         out = {
             "input_ids": ids,
