@@ -181,25 +181,29 @@ def test_sigmoid_loss_is_siglips_plus_the_hard_negative_column(tokenizer):
     torch.testing.assert_close(sigmoid_loss(logits), reference + extra)
 
 
-def test_grounding_head_pools_the_patch_map_into_the_captions_places(tokenizer):
-    """The grounding logits of place (r, c) are the linear head on the mean of the patches in that third of
-    the map, and the targets mark each captioned object's class and colour at its place."""
+def test_grounding_head_reads_every_patch_and_its_targets_are_the_boxes_covering_each_patch(tokenizer):
+    """The grounding logits of patch i are the linear head on patch i's feature; the targets give each patch
+    the class and colour of the box covering its centre (0 = background), and ignore text scenes."""
     from blip3o.config.model import VisionConfig
     from blip3o.train.tasks import TaggedSiglip, grounding_targets
     from blip3o.world.spec import COLOR_NAMES, SHAPES
 
     torch.manual_seed(0)
-    model = TaggedSiglip(build_clip(VisionConfig(image_size=48), len(tokenizer)), 6, 16).eval()
+    model = TaggedSiglip(build_clip(VisionConfig(image_size=48), len(tokenizer)), 6, 18).eval()
     pixels = torch.randn(2, 3, 48, 48)
     ids = tokenizer(TEXTS[:2], padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        _, _, places = model(ids, pixels)
+        _, _, logits = model(ids, pixels)
         patches = model.clip.vision_model(pixel_values=pixels).last_hidden_state  # (2, 36, D): a 6×6 grid
-        grid = patches.view(2, 6, 6, -1)
-        top_right = grid[:, 0:2, 4:6].mean((1, 2))
-    torch.testing.assert_close(places[:, 2], model.places(top_right))
-    targets = grounding_targets(["A red star at the top left and a blue circle at the centre, on a grey background."])
-    hot = {(int(p), int(k)) for p, k in targets[0].nonzero()}
-    star, circle = SHAPES.index("star"), SHAPES.index("circle")
-    red, blue = 6 + COLOR_NAMES.index("red"), 6 + COLOR_NAMES.index("blue")
-    assert hot == {(0, star), (0, red), (4, circle), (4, blue)}
+    torch.testing.assert_close(logits, model.patches(patches))
+
+    star = {"class": "star", "color": "red", "box": [0.0, 0.0, 18.0, 18.0]}  # patch centres 4 and 12 px
+    circle = {"class": "circle", "color": "blue", "box": [34.0, 40.0, 50.0, 60.0]}  # columns 4-5, rows 5-7
+    scene = {"kind": "scene", "size": 64, "objects": [star, circle]}
+    classes, colours = grounding_targets([scene, {"kind": "text", "size": 64}], 8)
+    expected_class, expected_colour = torch.zeros(8, 8, dtype=torch.long), torch.zeros(8, 8, dtype=torch.long)
+    expected_class[:2, :2], expected_colour[:2, :2] = 1 + SHAPES.index("star"), 1 + COLOR_NAMES.index("red")
+    expected_class[5:8, 4:6], expected_colour[5:8, 4:6] = 1 + SHAPES.index("circle"), 1 + COLOR_NAMES.index("blue")
+    assert torch.equal(classes[0], expected_class.flatten())
+    assert torch.equal(colours[0], expected_colour.flatten())
+    assert (classes[1] == -100).all() and (colours[1] == -100).all()

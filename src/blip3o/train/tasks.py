@@ -29,10 +29,9 @@ from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
 from blip3o.models.build import Encoders, build_blip3o, load_weights
-from blip3o.models.heads import PixelDecoder, map_to_tokens, tokens_to_map
+from blip3o.models.heads import PixelDecoder, map_to_tokens
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.world.prompts import shape_swapped, shapes_named
-from blip3o.world.samples import caption_objects
 from blip3o.world.spec import COLOR_NAMES, SHAPES
 
 
@@ -80,24 +79,23 @@ def asked_text(meta: dict[str, Any], prompt_fraction: float, rng: random.Random)
 
 class TaggedSiglip(nn.Module):
     """SigLIP plus two linear heads that the stage drops afterwards: a tagging head on the pooled image
-    embedding (which classes the caption names) and a grounding head on the patch map pooled to the
-    caption's 3×3 places (which class and colour the caption puts at each place)."""
+    embedding (which classes the caption names) and a grounding head on every patch of the map (which
+    class and which colour cover that patch, background included)."""
 
     def __init__(self, clip: nn.Module, num_tags: int, num_grounded: int) -> None:
         super().__init__()
         self.clip = clip
         width = clip.config.vision_config.hidden_size
         self.tags = nn.Linear(width, num_tags)
-        self.places = nn.Linear(width, num_grounded)
+        self.patches = nn.Linear(width, num_grounded)
 
     def forward(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """→ logits per image (B, texts), tag logits (B, T), grounding logits (B, 9, G)."""
+        """→ logits per image (B, texts), tag logits (B, T), grounding logits per patch (B, g·g, G)."""
         out = self.clip(input_ids=input_ids, pixel_values=pixel_values)
         vision = out.vision_model_output
-        cells = F.adaptive_avg_pool2d(tokens_to_map(vision.last_hidden_state), 3)  # (B, D, 3, 3)
-        return out.logits_per_image, self.tags(vision.pooler_output), self.places(map_to_tokens(cells))
+        return out.logits_per_image, self.tags(vision.pooler_output), self.patches(vision.last_hidden_state)
 
 
 def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -117,11 +115,10 @@ class ClipTask(StageTask):
       (:func:`blip3o.world.prompts.shape_swapped`), besides the other texts of the batch;
     - a tagging loss (:class:`TaggedSiglip`, weight ``tag_weight``): the pooled embedding predicts
       which classes the caption names (multi-label, read from the caption's nouns);
-    - a grounded-caption loss (weight ``ground_weight``): the patch map, average-pooled to 3×3, predicts
-      the class and colour the caption places in each of its nine places ("a red star at the top left",
-      :func:`blip3o.world.samples.caption_objects`), so that every patch feature knows what covers it.
-      It stands in for the LocCa grounded-captioning decoder that SigLIP2, the real-scale target
-      encoder, is trained with for dense features.
+    - a grounding loss (weight ``ground_weight``): every patch predicts the class and the colour of the
+      object whose box covers it, or background (:func:`grounding_targets`), so that every patch
+      feature knows what covers it. It stands in for the LocCa grounded-captioning decoder (captions
+      with boxes) that SigLIP2, the real-scale target encoder, is trained with for dense features.
 
     Random negatives in a small batch differ in colour almost always. With the contrastive loss alone,
     or with a bag-of-words loss over every caption token, a linear probe finds no more about which
@@ -135,7 +132,7 @@ class ClipTask(StageTask):
 
     def build_model(self) -> nn.Module:
         return TaggedSiglip(
-            build_clip(self.cfg.vision, len(self.tokenizer)), len(SHAPES), len(SHAPES) + len(COLOR_NAMES)
+            build_clip(self.cfg.vision, len(self.tokenizer)), len(SHAPES), 1 + len(SHAPES) + 1 + len(COLOR_NAMES)
         )
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
@@ -149,40 +146,64 @@ class ClipTask(StageTask):
         )
         named = [shapes_named(c) for c in captions]
         tags = torch.tensor([[s in n for s in SHAPES] for n in named], dtype=torch.float32)
+        classes, colours = grounding_targets([self.data.meta[i] for i in idx], self.cfg.vision.grid)
         return {
             "pixels": to_pixels(self.data.images[idx]),
             "input_ids": enc["input_ids"],
             "tags": tags,
-            "places": grounding_targets(captions),
+            "classes": classes,
+            "colours": colours,
         }
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits, tag_logits, place_logits = model(batch["input_ids"], batch["pixels"])  # (B, 2B), (B, T), (B, 9, G)
-        b = logits.shape[0]
+        logits, tag_logits, patch_logits = model(batch["input_ids"], batch["pixels"])  # (B, 2B), (B, T), (B, N, G)
+        b, k = logits.shape[0], 1 + len(SHAPES)
         contrastive = sigmoid_loss(logits)
         tags = F.binary_cross_entropy_with_logits(tag_logits, batch["tags"])
-        places = F.binary_cross_entropy_with_logits(place_logits, batch["places"])
+        grounding = labelled_ce(patch_logits[..., :k], batch["classes"]) + labelled_ce(
+            patch_logits[..., k:], batch["colours"]
+        )
         hard = (logits[:, :b].diagonal() > logits[:, b:].diagonal()).float().mean()
         tag_acc = ((tag_logits > 0) == batch["tags"].bool()).float().mean()
+        on_object = batch["classes"] > 0
+        right = (patch_logits[..., :k].argmax(-1) == batch["classes"]) & on_object
+        patch_acc = right.sum() / on_object.sum().clamp_min(1)
         return {
-            "loss": contrastive + self.tag_weight * tags + self.ground_weight * places,
+            "loss": contrastive + self.tag_weight * tags + self.ground_weight * grounding,
             "contrastive": contrastive.detach(),
             "tags": tags.detach(),
-            "places": places.detach(),
+            "grounding": grounding.detach(),
             "tag_acc": tag_acc.detach(),
+            "object_patch_acc": patch_acc.detach(),
             "hard_negative_acc": hard.detach(),
         }
 
 
-def grounding_targets(captions: list[str]) -> torch.Tensor:
-    """(B, 9, S + C) multi-hot targets: per 3×3 place (row-major), the classes then the colours that each
-    caption puts there."""
-    out = torch.zeros(len(captions), 9, len(SHAPES) + len(COLOR_NAMES))
-    for i, text in enumerate(captions):
-        for color, shape, row, col in caption_objects(text):
-            out[i, 3 * row + col, SHAPES.index(shape)] = 1.0
-            out[i, 3 * row + col, len(SHAPES) + COLOR_NAMES.index(color)] = 1.0
-    return out
+def labelled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled entries (label != -100); 0 when none is labelled."""
+    labels = labels.flatten()
+    total = F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp_min(1)
+
+
+def grounding_targets(metas: list[dict[str, Any]], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch of a ``grid``×``grid`` map (row-major), the class and the colour of the object whose box
+    covers the patch's centre: (B, g·g) class ids (0 background, 1 + index in ``SHAPES``) and colour ids
+    (0 background, 1 + index in ``COLOR_NAMES``). Samples that are not shape scenes (text scenes) are
+    ignored (-100)."""
+    classes = torch.zeros(len(metas), grid, grid, dtype=torch.long)
+    colours = torch.zeros_like(classes)
+    centres = (torch.arange(grid) + 0.5) / grid
+    for i, meta in enumerate(metas):
+        if meta["kind"] != "scene":
+            classes[i] = colours[i] = -100
+            continue
+        for obj in meta["objects"]:
+            x0, y0, x1, y1 = (v / meta["size"] for v in obj["box"])
+            inside = ((centres >= y0) & (centres <= y1))[:, None] & ((centres >= x0) & (centres <= x1))[None, :]
+            classes[i][inside] = 1 + SHAPES.index(obj["class"])
+            colours[i][inside] = 1 + COLOR_NAMES.index(obj["color"])
+    return classes.flatten(1), colours.flatten(1)
 
 
 class VAEAutoencoding(nn.Module):
