@@ -98,6 +98,10 @@ class TaggedSiglip(nn.Module):
         return out.logits_per_image, self.tags(vision.pooler_output), self.patches(vision.last_hidden_state)
 
 
+#: Grounding ids per patch: 0 is background, 1 + index in SHAPES (or in COLOR_NAMES) an object's class (colour).
+NUM_CLASS_IDS, NUM_COLOUR_IDS = 1 + len(SHAPES), 1 + len(COLOR_NAMES)
+
+
 def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
     """SigLIP's loss per image for logits (B, B + K): image i matches text i; every other column, the
     other texts of the batch and K extra negatives, is a negative."""
@@ -132,8 +136,14 @@ class ClipTask(StageTask):
 
     def build_model(self) -> nn.Module:
         return TaggedSiglip(
-            build_clip(self.cfg.vision, len(self.tokenizer)), len(SHAPES), 1 + len(SHAPES) + 1 + len(COLOR_NAMES)
+            build_clip(self.cfg.vision, len(self.tokenizer)), len(SHAPES), NUM_CLASS_IDS + NUM_COLOUR_IDS
         )
+
+    @cached_property
+    def grounding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-patch class and colour ids of every training image (:func:`grounding_targets`), built at
+        the first batch."""
+        return grounding_targets(self.data.meta, self.cfg.vision.grid)
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
@@ -146,18 +156,18 @@ class ClipTask(StageTask):
         )
         named = [shapes_named(c) for c in captions]
         tags = torch.tensor([[s in n for s in SHAPES] for n in named], dtype=torch.float32)
-        classes, colours = grounding_targets([self.data.meta[i] for i in idx], self.cfg.vision.grid)
+        classes, colours = self.grounding
         return {
             "pixels": to_pixels(self.data.images[idx]),
             "input_ids": enc["input_ids"],
             "tags": tags,
-            "classes": classes,
-            "colours": colours,
+            "classes": classes[idx],
+            "colours": colours[idx],
         }
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits, tag_logits, patch_logits = model(batch["input_ids"], batch["pixels"])  # (B, 2B), (B, T), (B, N, G)
-        b, k = logits.shape[0], 1 + len(SHAPES)
+        b, k = logits.shape[0], NUM_CLASS_IDS
         contrastive = sigmoid_loss(logits)
         tags = F.binary_cross_entropy_with_logits(tag_logits, batch["tags"])
         grounding = labelled_ce(patch_logits[..., :k], batch["classes"]) + labelled_ce(
@@ -333,7 +343,7 @@ def understanding_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token CE in float32, averaged over the labelled tokens."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return labelled_ce(logits[:, :-1], labels[:, 1:])
 
 
 class GenerationTask(StageTask):
