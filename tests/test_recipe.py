@@ -50,6 +50,22 @@ def test_sequential_training_leaves_backbone_and_answers_bit_identical(tiny_run)
     assert before == after
 
 
+def test_a_tower_trained_for_understanding_leaves_the_frozen_target_tower_alone(tiny_run, tmp_path):
+    """With the vision tower trainable in the understanding stage, the pipeline's model reads images
+    with the trained tower while generation targets and the pixel decoder keep the frozen mini-CLIP."""
+    for part in ("world", "tokenizer", "clip", "vae", "decoder", "scales.safetensors"):
+        (tmp_path / part).symlink_to(tiny_run / part)
+    cfg = resolve("tiny-debug", ["recipe.stages=[understanding]", "recipe.understanding.trainable=[vision]"])
+    run_recipe(cfg, tmp_path, progress=False)
+    pipe = BLIP3oPipeline.from_run(tmp_path)
+    clip = load_file(str(tiny_run / "clip" / "model.safetensors"))
+    und = load_file(str(tmp_path / "understanding" / "model.safetensors"))
+    key = "embeddings.patch_embedding.weight"
+    assert not torch.equal(und[f"vision.{key}"], clip[f"clip.vision_model.{key}"])
+    assert torch.equal(pipe.model.vision.state_dict()[key], und[f"vision.{key}"])
+    assert torch.equal(pipe.encoders.vision.state_dict()[key], clip[f"clip.vision_model.{key}"])
+
+
 def test_rerun_skips_finished_stages(tiny_run):
     mtime = (tiny_run / "generation" / "model.safetensors").stat().st_mtime_ns
     run_recipe(resolve("tiny-debug"), tiny_run, progress=False)

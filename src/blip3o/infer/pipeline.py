@@ -10,6 +10,7 @@ as the prompts one at a time.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -99,7 +100,9 @@ class BLIP3oPipeline:
         cfg = load_yaml(require(run / "config.yaml", "any"), RunConfig).model
         tokenizer = load_tokenizer(run / "tokenizer")
         enc = load_encoders(run, cfg, len(tokenizer))
-        model = build_blip3o(cfg, tokenizer, enc.vision)
+        # The model's tower is its own copy: an understanding stage may have trained it, while the generation
+        # target and the pixel decoder's input stay the frozen mini-CLIP's.
+        model = build_blip3o(cfg, tokenizer, copy.deepcopy(enc.vision))
         stage = "generation" if (run / "generation" / MODEL_FILE).is_file() else "understanding"
         load_weights(model, require(run / stage / MODEL_FILE, stage))
         decoder = None
