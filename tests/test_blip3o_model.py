@@ -207,3 +207,22 @@ def test_grounding_head_reads_every_patch_and_its_targets_are_the_boxes_covering
     assert torch.equal(classes[0], expected_class.flatten())
     assert torch.equal(colours[0], expected_colour.flatten())
     assert (classes[1] == -100).all() and (colours[1] == -100).all()
+
+
+def test_flow_head_feeds_lumina_the_scheduler_timestep():
+    """The head gives Lumina-Next t = 1000·σ (the official BLIP3-o convention): the library call with that
+    timestep gives the same velocity, and the time embedding tells noise levels apart, which t = 1 − σ
+    ∈ [0, 1] hardly does (σ = 0.5 and 0.45 differ by 1 % of the embedding's norm)."""
+    from blip3o.config.model import DiTConfig
+
+    torch.manual_seed(0)
+    head = FlowHead(DiTConfig(), channels=8, side=4, cond_dim=32).eval()
+    x, cond, sigma = torch.randn(2, 8, 4, 4), torch.randn(2, 5, 32), torch.tensor([0.2, 0.9])
+    rope = torch.view_as_complex(head.rope.float().contiguous())
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    direct = head.dit(x, 1000 * sigma, head.cond_proj(cond), mask, rope, cross_attention_kwargs={}).sample
+    torch.testing.assert_close(head(x, sigma, cond), direct)
+
+    proj = head.dit.time_caption_embed.time_proj
+    spread = lambda t: (proj(t[:1]) - proj(t[1:])).norm() / proj(t[:1]).norm()  # noqa: E731
+    assert spread(1000 * torch.tensor([0.5, 0.45])) > 0.5 > 10 * spread(torch.tensor([0.5, 0.55]))

@@ -129,21 +129,21 @@ def test_render_is_deterministic_and_draws_the_colour():
 def test_questions_are_answered_by_the_scene():
     rng = random.Random(1)
     objects = [Obj("circle", "red", 0.2, 0.5, 0.25), Obj("star", "blue", 0.8, 0.5, 0.25)]
-    qa = {q["question"]: q["answer"] for q in questions(objects, rng)}
-    for question, answer in qa.items():
+    qa = {q["question"]: q for q in questions(objects, rng)}
+    assert {q["type"] for q in qa.values()} == {"existence", "count", "color", "yesno", "position"}
+    for question, q in qa.items():
+        # The answer restates the subject, then the verdict right after it (no token in between).
+        assert q["answer"].endswith(" " + q["verdict"]) and ":" not in q["answer"]
         if question.startswith("What colour is the "):
             shape = question.removeprefix("What colour is the ").rstrip("?")
-            assert answer == {"circle": "red", "star": "blue"}[shape]
+            assert q["answer"] == f"{shape} " + {"circle": "red", "star": "blue"}[shape]
         if question.startswith("Is the circle left of"):
-            assert answer == "yes"
+            assert q["answer"] == "circle left of star yes"
         if question.startswith("Is the circle right of"):
-            assert answer == "no"
-    assert {q["type"] for q in questions(objects, random.Random(2))} >= {
-        "existence",
-        "count",
-        "color",
-        "yesno",
-    }
+            assert q["answer"] == "circle right of star no"
+        if question.startswith("Is there a "):
+            shape = question.removeprefix("Is there a ").split()[0]
+            assert q["answer"] == f"{shape} " + ("yes" if shape in ("circle", "star") else "no")
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -65,7 +65,9 @@ def shapes_blip3o() -> RunConfig:
     the 8×8 map 0.45. The mini-CLIP's vision tower has 4 layers: a linear probe names the class under
     an object's centre 0.89 of the time from its patch map with the per-patch grounding loss (0.71
     with a grounded-caption loss on the 3×3 places instead; 0.64 with that and 2 layers). The pixel
-    decoder samples with CFG 3 (0.43 of held-out images reconstructed correctly, against 0.37 at 1.5).
+    decoder samples with CFG 3 (0.43 of held-out images reconstructed correctly, against 0.37 at 1.5)
+    and is 128 wide: 0.60 of held-out images come back correct from their real maps, against 0.38 at
+    width 64 with the same 1,500 steps.
     """
     base = RunConfig(name="shapes-blip3o")
     model = base.model
@@ -77,7 +79,7 @@ def shapes_blip3o() -> RunConfig:
             model,
             vision=replace(model.vision, pool=1, num_layers=4),
             generation=replace(model.generation, num_queries=64),
-            decoder=replace(model.decoder, guidance_scale=3.0),
+            decoder=replace(model.decoder, guidance_scale=3.0, dit=replace(model.decoder.dit, hidden_size=128)),
         ),
         recipe=replace(base.recipe, clip=replace(base.recipe.clip, steps=3000)),
     )

@@ -9,7 +9,9 @@
   CLIP feature tokens (the official SigLIP2 → SANA reconstruction design).
 
 Time conventions of the wrapped models are folded in here: callers always pass σ ∈ [0, 1] with σ = 1
-pure noise. Lumina-Next counts time the other way (t = 1 − σ); SANA takes 1000·σ.
+pure noise, and both DiTs receive the scheduler timestep 1000·σ, as the official BLIP3-o trains its
+Lumina-Next DiT and SANA is trained. (diffusers' Lumina pipeline feeds t = 1 − σ ∈ [0, 1], whose
+sinusoidal embedding barely changes over the whole range: its fastest frequency turns one radian.)
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class FlowHead(nn.Module):
         if cond_mask is None:
             cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
         rope = torch.view_as_complex(self.rope.float().contiguous())
-        out = self.dit(x, 1.0 - sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={})
+        out = self.dit(x, 1000.0 * sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={})
         return out.sample
 
 

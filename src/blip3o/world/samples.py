@@ -105,37 +105,44 @@ def _unique(objects: Sequence[Obj], key) -> list[Obj]:
 
 
 def questions(objects: Sequence[Obj], rng: random.Random) -> list[dict[str, str]]:
-    """Unambiguous question/answer pairs of five types: existence, count, color, yesno, position."""
+    """Unambiguous question/answer pairs of five types: existence, count, color, yesno, position.
+
+    An answer first restates what the question is about, then gives the verdict with nothing in
+    between (``square yes``, ``circles two``, ``circle red``, ``star left of circle no``): the token
+    that predicts the verdict is then the asked word itself, so deciding needs one look from that word
+    at the image. With a bare ``yes`` the answer position must first fetch the asked word from the
+    question and then match it against the image, two steps that a backbone trained from scratch does
+    not learn together (binary answers stay at chance); ``square: yes`` fails the same way, the colon
+    standing between the word and the verdict. ``verdict`` holds the bare answer.
+    """
     qa: list[dict[str, str]] = []
+
+    def ask(kind: str, question: str, subject: str, verdict: str) -> None:
+        qa.append({"type": kind, "question": question, "answer": f"{subject} {verdict}", "verdict": verdict})
+
     present = sorted({o.shape for o in objects})
     absent = [s for s in SHAPES if s not in present]
     if present:
         s = rng.choice(present)
-        qa.append({"type": "existence", "question": f"Is there {article(s)} {s} in the image?", "answer": "yes"})
+        ask("existence", f"Is there {article(s)} {s} in the image?", s, "yes")
         n = sum(o.shape == s for o in objects)
-        qa.append({"type": "count", "question": f"How many {plural(s)} are there?", "answer": NUMBER_WORDS[n]})
+        ask("count", f"How many {plural(s)} are there?", plural(s), NUMBER_WORDS[n])
     if absent:
         s = rng.choice(absent)
-        qa.append({"type": "existence", "question": f"Is there {article(s)} {s} in the image?", "answer": "no"})
+        ask("existence", f"Is there {article(s)} {s} in the image?", s, "no")
     single = _unique(objects, lambda o: o.shape)
     if single:
         o = rng.choice(single)
-        qa.append({"type": "color", "question": f"What colour is the {o.shape}?", "answer": o.color})
+        ask("color", f"What colour is the {o.shape}?", o.shape, o.color)
         asked = o.color if rng.random() < 0.5 else rng.choice([c for c in COLOR_NAMES if c != o.color])
-        qa.append(
-            {
-                "type": "yesno",
-                "question": f"Is the {o.shape} {asked}?",
-                "answer": "yes" if asked == o.color else "no",
-            }
-        )
+        ask("yesno", f"Is the {o.shape} {asked}?", f"{o.shape} {asked}", "yes" if asked == o.color else "no")
     if len(single) >= 2:
         a, b = rng.sample(single, 2)
         holds = [r for r in RELATIONS if relation_holds(a, b, r, slack=0.6)]
         if holds:
             rel = rng.choice(holds)
-            asked, answer = (rel, "yes") if rng.random() < 0.5 else (INVERSE[rel], "no")
-            qa.append({"type": "position", "question": f"Is the {a.shape} {asked} the {b.shape}?", "answer": answer})
+            asked, verdict = (rel, "yes") if rng.random() < 0.5 else (INVERSE[rel], "no")
+            ask("position", f"Is the {a.shape} {asked} the {b.shape}?", f"{a.shape} {asked} {b.shape}", verdict)
     return qa
 
 
