@@ -293,3 +293,26 @@ def test_caption_objects_reads_back_every_object_and_its_place():
         assert caption(objects) == sample.meta["caption"]
         checked += len(objects)
     assert checked > 200
+
+
+def test_split_is_the_same_in_every_process():
+    """The prompt split (and so every scene after it) must not depend on string hashing (PYTHONHASHSEED)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from blip3o.world import prompts as P; "
+        "train, held = P.split(0, 0.25); print(json.dumps({t: [r['prompt'] for r in held[t]] for t in held}))"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": h},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for h in ("0", "1", "2", "3")
+    }
+    assert len(outs) == 1

@@ -90,8 +90,6 @@ class BLIP3oPipeline:
             encoders,
             decoder,
         )
-        if cfg.generation.target == "clip" and decoder is None:
-            raise ValueError("a CLIP-target model needs a pixel decoder to make pixels")
 
     @classmethod
     def from_run(cls, run: str | Path) -> BLIP3oPipeline:
@@ -168,6 +166,10 @@ class BLIP3oPipeline:
         progress: bool = False,
     ) -> torch.Tensor:
         """Scaled CLIP maps (B, D, g, g) → pixels (B, 3, H, W) through the pixel decoder and the VAE."""
+        if self.decoder is None:
+            raise ValueError(
+                "a CLIP-target model needs a pixel decoder to make pixels; this run has none (train its decoder stage)"
+            )
         dec = self.cfg.decoder
         tokens = map_to_tokens(features)
         noise = seeded_noise(self.cfg.latent_shape, [s + 7919 for s in seeds])

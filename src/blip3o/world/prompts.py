@@ -110,7 +110,9 @@ def meaning(record: Record) -> Hashable:
         b, a = inc[0]["class"], inc[1]["class"]
         relation = inc[1]["position"][0]
         return (tag, *min(((a, relation, b), (b, INVERSE[relation], a))))
-    clauses = frozenset((c["class"], c["count"], c.get("color")) for c in inc)
+    # A sorted tuple, not a frozenset: the split orders meanings by repr, and a set's repr follows string
+    # hashes, which differ between processes (PYTHONHASHSEED), so the split would too.
+    clauses = tuple(sorted((c["class"], c["count"], c.get("color") or "") for c in inc))
     return (tag, clauses)
 
 

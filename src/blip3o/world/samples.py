@@ -108,7 +108,7 @@ def questions(objects: Sequence[Obj], rng: random.Random) -> list[dict[str, str]
     """Unambiguous question/answer pairs of five types: existence, count, color, yesno, position.
 
     An answer first restates what the question is about, then gives the verdict with nothing in
-    between (``square yes``, ``circles two``, ``circle red``, ``star left of circle no``): the token
+    between (``square yes``, ``circles two``, ``circle red``, ``blue circle no``, ``star left of circle no``): the token
     that predicts the verdict is then the asked word itself, so deciding needs one look from that word
     at the image. With a bare ``yes`` the answer position must first fetch the asked word from the
     question and then match it against the image, two steps that a backbone trained from scratch does
@@ -135,7 +135,8 @@ def questions(objects: Sequence[Obj], rng: random.Random) -> list[dict[str, str]
         o = rng.choice(single)
         ask("color", f"What colour is the {o.shape}?", o.shape, o.color)
         asked = o.color if rng.random() < 0.5 else rng.choice([c for c in COLOR_NAMES if c != o.color])
-        ask("yesno", f"Is the {o.shape} {asked}?", f"{o.shape} {asked}", "yes" if asked == o.color else "no")
+        # Asked colour first: "circle red" already answers "What colour is the circle?" with its true colour.
+        ask("yesno", f"Is the {o.shape} {asked}?", f"{asked} {o.shape}", "yes" if asked == o.color else "no")
     if len(single) >= 2:
         a, b = rng.sample(single, 2)
         holds = [r for r in RELATIONS if relation_holds(a, b, r, slack=0.6)]
