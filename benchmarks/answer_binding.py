@@ -24,7 +24,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from blip3o.config.model import BackboneConfig
+from blip3o.models.parts import Projector, build_backbone
 
 from common import emit
 
@@ -71,25 +73,15 @@ def rows(present: torch.Tensor, fmt: str, g: torch.Generator) -> tuple[torch.Ten
 
 
 class Model(torch.nn.Module):
+    """The project's backbone (a `transformers` Qwen3) and understanding projector at the given widths."""
+
     def __init__(self, width: int, layers: int) -> None:
         super().__init__()
-        cfg = Qwen3Config(
-            vocab_size=VOCAB,
-            hidden_size=width,
-            intermediate_size=3 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=width // 4,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            pad_token_id=0,
+        backbone = BackboneConfig(
+            hidden_size=width, num_layers=layers, head_dim=width // 4, intermediate_size=3 * width
         )
-        cfg._attn_implementation = "sdpa"
-        self.lm = Qwen3ForCausalLM(cfg)
-        self.projector = torch.nn.Sequential(
-            torch.nn.Linear(FEATURE, width), torch.nn.GELU(), torch.nn.Linear(width, width)
-        )
+        self.lm = build_backbone(backbone, VOCAB)
+        self.projector = Projector(FEATURE, width)
 
     def forward(self, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         embeds = self.lm.get_input_embeddings()(ids)
