@@ -14,7 +14,7 @@ from blip3o.data.processing import generation_inputs, understanding_inputs
 from blip3o.data.tokenizer import train_bpe_tokenizer
 from blip3o.infer.pipeline import BLIP3oPipeline
 from blip3o.models.build import Encoders, build_blip3o, unit_scales
-from blip3o.models.heads import FlowHead, PixelDecoder, RegressionHead
+from blip3o.models.heads import CROSS_GATE_INIT, FlowHead, PixelDecoder, RegressionHead
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import positions_from_mask
 from blip3o.train.tasks import causal_lm_loss, sigmoid_loss
@@ -88,6 +88,54 @@ def test_image_placeholders_take_the_projected_features(tokenizer):
     # labels cover exactly the answer and <|im_end|>
     labelled = batch["labels"][0][batch["labels"][0] >= 0].tolist()
     assert tokenizer.decode(labelled) == "red<|im_end|>"
+
+
+def test_multi_turn_rows_train_every_answer_once(tokenizer):
+    """A conversation about one image: the image opens the first turn only, and the labels are exactly
+    the answers, each with its <|im_end|>."""
+    n = 4
+    batch = understanding_inputs(
+        tokenizer, [["Is the circle red?", "How many stars are there?"]], [["red circle yes", "stars two"]], n
+    )
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"][0] == image_id).sum()) == n
+    labelled = batch["labels"][0][batch["labels"][0] >= 0].tolist()
+    assert tokenizer.decode(labelled) == "red circle yes<|im_end|>stars two<|im_end|>"
+    with pytest.raises(ValueError, match="2 questions but 1 answers"):
+        understanding_inputs(tokenizer, [["Is the circle red?", "Why?"]], [["red circle yes"]], n)
+
+
+def test_understanding_rows_never_pair_a_question_with_the_answer_that_leaks_it(tokenizer):
+    """With several turns per row a conversation asks the scene's questions in random order, but never
+    both the yes/no and the colour question about one object; with one turn, one question a row."""
+    from types import SimpleNamespace
+
+    from blip3o.train.tasks import understanding_batch
+
+    qa = [
+        {"type": "color", "question": "What colour is the circle?", "answer": "circle red", "about": "circle"},
+        {"type": "yesno", "question": "Is the circle blue?", "answer": "blue circle no", "about": "circle"},
+        {"type": "existence", "question": "Is there a star in the image?", "answer": "star no"},
+    ]
+    data = SimpleNamespace(
+        meta=[{"qa": qa, "caption": "a red circle"}] * 64, images=torch.zeros(64, 3, 64, 64, dtype=torch.uint8)
+    )
+    batch = understanding_batch(data, tokenizer, list(range(64)), "s", 4, qa_turns=3)
+    texts = [tokenizer.decode(row[row >= 0].tolist()) for row in batch["labels"]]
+    conversations = [t.split("<|im_end|>")[:-1] for t in texts if t != "a red circle<|im_end|>"]
+    assert 30 < len(conversations) < 64  # a quarter of the rows are captions
+    for answers in conversations:
+        assert len(answers) == 2 and "star no" in answers
+        assert ("circle red" in answers) != ("blue circle no" in answers)
+    firsts = {answers[0] for answers in conversations}
+    assert firsts == {"star no", "circle red", "blue circle no"}  # every question is also asked first
+    # about different objects, both are asked
+    qa[1] = {"type": "yesno", "question": "Is the square blue?", "answer": "blue square no", "about": "square"}
+    batch = understanding_batch(data, tokenizer, list(range(64)), "s", 4, qa_turns=3)
+    texts = [tokenizer.decode(row[row >= 0].tolist()) for row in batch["labels"]]
+    assert all(t.count("<|im_end|>") == 3 for t in texts if t != "a red circle<|im_end|>")
+    one = understanding_batch(data, tokenizer, list(range(64)), "s", 4, qa_turns=1)
+    assert all(tokenizer.decode(r[r >= 0].tolist()).count("<|im_end|>") == 1 for r in one["labels"])
 
 
 def test_lm_loss_matches_transformers(tokenizer):
@@ -207,6 +255,30 @@ def test_grounding_head_reads_every_patch_and_its_targets_are_the_boxes_covering
     assert torch.equal(classes[0], expected_class.flatten())
     assert torch.equal(colours[0], expected_colour.flatten())
     assert (classes[1] == -100).all() and (colours[1] == -100).all()
+
+
+def test_flow_head_starts_with_its_cross_attention_open():
+    """diffusers starts Lumina-Next's cross-attention gates at 0, so an untrained DiT sees its condition only
+    through the pooled caption embedding. The head opens them: tokens with the same mean but different
+    content give a different velocity at initialisation, as they do not with the library's zero gates."""
+    from blip3o.config.model import DiTConfig
+
+    torch.manual_seed(0)
+    head = FlowHead(DiTConfig(), channels=8, side=4, cond_dim=32).eval()
+    x, sigma = torch.randn(2, 8, 4, 4), torch.tensor([0.3, 0.8])
+    hidden = head.dit.time_caption_embed.caption_embedder[1].in_features
+    cond = torch.randn(2, 5, hidden)
+    delta = torch.randn(2, 5, hidden)
+    other = cond + delta - delta.mean(1, keepdim=True)  # same mean over tokens
+    rope = torch.view_as_complex(head.rope.float().contiguous())
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    velocity = lambda c: head.dit(x, 1000 * sigma, c, mask, rope, cross_attention_kwargs={}).sample  # noqa: E731
+    assert all(torch.allclose(layer.gate, torch.tensor(CROSS_GATE_INIT)) for layer in head.dit.layers)
+    assert (velocity(cond) - velocity(other)).abs().mean() > 0.05 * velocity(cond).abs().mean()
+    with torch.no_grad():
+        for layer in head.dit.layers:
+            layer.gate.zero_()
+    torch.testing.assert_close(velocity(cond), velocity(other))
 
 
 def test_flow_head_feeds_lumina_the_scheduler_timestep():

@@ -74,6 +74,9 @@ class RecipeConfig:
     """Instruction tuning: share of rows asked for by the GenEval-style prompt (the rest by the caption)."""
     instruct_per_tag: int = 500
     """Instruction tuning: scenes per GenEval tag in the curated set."""
+    qa_turns: int = 6
+    """Understanding: question/answer turns per conversation about one image (LLaVA-style multi-turn
+    rows; a world scene has up to 6 questions). 1 trains one question per row."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
@@ -87,6 +90,7 @@ class RecipeConfig:
         check_float("recipe.next_prompt_fraction", self.next_prompt_fraction, ge=0, le=1)
         check_float("recipe.instruct_prompt_fraction", self.instruct_prompt_fraction, ge=0, le=1)
         check_int("recipe.instruct_per_tag", self.instruct_per_tag, ge=1)
+        check_int("recipe.qa_turns", self.qa_turns, ge=1)
 
     def stage(self, name: str) -> TrainConfig:
         return getattr(self, name)

@@ -63,17 +63,34 @@ def _expand_images(
     return out_ids, out_labels
 
 
-def understanding_messages(question: str, answer: str | None = None) -> list[dict]:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if answer is not None:
-        msgs.append({"role": "assistant", "content": answer})
+def understanding_messages(question: str | Sequence[str], answer: str | Sequence[str] | None = None) -> list[dict]:
+    """A chat about one image: the image opens the first user turn; several questions (with as many
+    answers) make a multi-turn conversation."""
+    questions = [question] if isinstance(question, str) else list(question)
+    answers = None if answer is None else [answer] if isinstance(answer, str) else list(answer)
+    if answers is not None and len(answers) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if answers is None and len(questions) != 1:
+        raise ValueError("a prompt for answering takes one question")
+    msgs: list[dict] = []
+    for k, q in enumerate(questions):
+        image = [{"type": "image"}] if k == 0 else []
+        msgs.append({"role": "user", "content": [*image, {"type": "text", "text": q}]})
+        if answers is not None:
+            msgs.append({"role": "assistant", "content": answers[k]})
     return msgs
 
 
 def understanding_inputs(
-    tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], answers: Sequence[str], n_image_tokens: int
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str | Sequence[str]],
+    answers: Sequence[str | Sequence[str]],
+    n_image_tokens: int,
 ) -> dict[str, torch.Tensor]:
-    """Right-padded training rows: ids, attention mask and labels (answer tokens and their <|im_end|> only)."""
+    """Right-padded training rows: ids, attention mask and labels (answer tokens and their <|im_end|> only).
+
+    A row's question may be a list of questions (with a list of answers): one multi-turn conversation.
+    """
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     rows, labels = [], []
     for q, a in zip(questions, answers, strict=True):

@@ -26,6 +26,12 @@ from torch import nn
 from blip3o.config.model import DecoderConfig, DiTConfig
 from blip3o.models.parts import build_lumina, build_sana
 
+CROSS_GATE_INIT = 1.0
+"""Lumina-Next scales each block's cross-attention by tanh(gate), and diffusers starts the gates at 0,
+which suits fine-tuning a pretrained DiT. From scratch the prompt then reaches the DiT only through
+the pooled caption embedding at first, and after a 1,500-step stage the gates are still about ±0.1
+(tanh 0.1): the cross-attention carries a tenth of its output. The head starts them at 1 (tanh 0.76)."""
+
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, D, g, g) → (B, g·g, D), row-major."""
@@ -53,6 +59,8 @@ class FlowHead(nn.Module):
         self.dit = build_lumina(cfg, channels, side, cfg.hidden_size)
         with torch.no_grad():  # diffusers leaves it uninitialised; it is only used for ragged patch grids
             self.dit.pad_token.zero_()
+            for layer in self.dit.layers:  # open the cross-attention (loaded weights replace this)
+                layer.gate.fill_(CROSS_GATE_INIT)
         head_dim = cfg.hidden_size // cfg.num_heads
         self.register_buffer(
             "rope", torch.view_as_real(get_2d_rotary_pos_embed_lumina(head_dim, side, side)), persistent=False

@@ -38,7 +38,7 @@ from blip3o.models.build import Encoders, load_weights
 from blip3o.models.heads import map_to_tokens
 from blip3o.models.image_tokenizer import ImageTokenizer, codebook_usage, perplexity
 from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary, condition_positions
-from blip3o.train.tasks import DESCRIBE, StageTask, asked_text, causal_lm_loss, encode_in_chunks, flow_step
+from blip3o.train.tasks import StageTask, asked_text, causal_lm_loss, conversation, encode_in_chunks, flow_step
 
 
 def build_image_tokenizer(cfg: NextConfig, enc_cfg) -> ImageTokenizer:
@@ -142,10 +142,12 @@ class NextTask(StageTask):
         init: str | Path | None = None,
         prompt_fraction: float = 0.0,
         curated: int | None = None,
+        qa_turns: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.next_cfg, self.decoder, self.init, self.prompt_fraction = next_cfg, decoder, init, prompt_fraction
+        self.qa_turns = qa_turns
         self.vocab: ImageVocab = add_image_vocabulary(self.tokenizer, next_cfg.codebook_size, next_cfg.num_scales)
         self.image_tokenizer = load_weights(build_image_tokenizer(next_cfg, self.cfg), image_tokenizer).eval()
         n = self.image_tokenizer.num_tokens(0)
@@ -225,12 +227,8 @@ class NextTask(StageTask):
             reference[written:] = e["latents"][edits]
             out["reference"] = reference
         if und:
-            questions, answers = [], []
-            for i in und:
-                qa = self.data.meta[i]["qa"]
-                pair = rng.choice(qa) if qa and rng.random() < 0.75 else {"question": DESCRIBE, "answer": None}
-                questions.append(pair["question"])
-                answers.append(pair["answer"] or self.data.meta[i]["caption"])
+            chats = [conversation(self.data.meta[i], rng, self.qa_turns) for i in und]
+            questions, answers = [q for q, _ in chats], [a for _, a in chats]
             out["text"] = text_rows(self.tokenizer, self.vocab, e["codes"][und], questions, answers)
         return out
 

@@ -95,7 +95,7 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
     if stage == "decoder":
         return DecoderTask(*common, **kwargs)
     if stage == "understanding":
-        return UnderstandingTask(*common, **kwargs)
+        return UnderstandingTask(*common, **kwargs, qa_turns=cfg.recipe.qa_turns)
     if stage == "image_tokenizer":
         return ImageTokenizerTask(*common, **kwargs, next_cfg=cfg.next)
     if stage in ("next", "instruct"):
@@ -106,11 +106,24 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
             start = {"init": require(out / "next" / MODEL_FILE, "next")}
             data = {"prompt_fraction": cfg.recipe.instruct_prompt_fraction, "curated": cfg.recipe.instruct_per_tag}
         image_tokenizer = require(out / "image_tokenizer" / MODEL_FILE, "image_tokenizer")
-        return NextTask(*common, **kwargs, next_cfg=cfg.next, image_tokenizer=image_tokenizer, **start, **data)
+        return NextTask(
+            *common,
+            **kwargs,
+            next_cfg=cfg.next,
+            image_tokenizer=image_tokenizer,
+            qa_turns=cfg.recipe.qa_turns,
+            **start,
+            **data,
+        )
     weight = cfg.recipe.joint_weight if cfg.recipe.training == "joint" else 0.0
     init = require(out / "understanding" / MODEL_FILE, "understanding")
     return GenerationTask(
-        *common, **kwargs, init=init, joint_weight=weight, prompt_fraction=cfg.recipe.generation_prompt_fraction
+        *common,
+        **kwargs,
+        init=init,
+        joint_weight=weight,
+        prompt_fraction=cfg.recipe.generation_prompt_fraction,
+        qa_turns=cfg.recipe.qa_turns,
     )
 
 

@@ -295,7 +295,11 @@ DESCRIBE = "Describe the image."
 
 
 class UnderstandingTask(StageTask):
-    """Image → text: captions ("Describe the image.") and question/answer pairs, CE on the answers."""
+    """Image → text: captions ("Describe the image.") and question/answer conversations, CE on the answers."""
+
+    def __init__(self, *args: Any, qa_turns: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.qa_turns = qa_turns
 
     def build_model(self) -> nn.Module:
         # The model gets its own copy of the tower: the task's copy computes targets outside the (sharded) model.
@@ -304,11 +308,32 @@ class UnderstandingTask(StageTask):
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
         return understanding_batch(
-            self.data, self.tokenizer, idx, f"{self.seed}-und-{step}-{rank}", self.cfg.vision.grid**2
+            self.data, self.tokenizer, idx, f"{self.seed}-und-{step}-{rank}", self.cfg.vision.grid**2, self.qa_turns
         )
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"loss": understanding_loss(model, batch)}
+
+
+def conversation(meta: dict[str, Any], rng: random.Random, turns: int) -> tuple[list[str], list[str]]:
+    """What one understanding row asks about a scene: its questions and answers (3 rows in 4), or its
+    caption ("Describe the image.").
+
+    A conversation asks up to ``turns`` of the scene's questions in random order (multi-turn, as LLaVA
+    trains): one forward pass over the image then supervises several answers. Where the yes/no and the
+    colour question ask about the same object (scenes with one object of a unique class), it holds one
+    of them: either answer would give the other away without a look at the image. Captions, which tell
+    everything, are rows of their own.
+    """
+    qa = meta["qa"]
+    if not qa or rng.random() >= 0.75:
+        return [DESCRIBE], [meta["caption"]]
+    about = {p.get("type"): p.get("about") for p in qa if p.get("type") in ("yesno", "color")}
+    if turns > 1 and len(about) == 2 and (about["yesno"] is None or about["yesno"] == about["color"]):
+        drop = rng.choice(("yesno", "color"))
+        qa = [p for p in qa if p.get("type") != drop]
+    pairs = rng.sample(qa, min(turns, len(qa)))
+    return [p["question"] for p in pairs], [p["answer"] for p in pairs]
 
 
 def understanding_batch(
@@ -317,20 +342,12 @@ def understanding_batch(
     idx: list[int],
     seed: str,
     n_image_tokens: int,
+    qa_turns: int = 1,
 ) -> dict[str, Any]:
-    """Question/answer pairs (3 in 4) or captions ("Describe the image.") for the given samples."""
+    """Understanding rows (:func:`conversation`) for the given samples."""
     rng = random.Random(seed)
-    questions, answers = [], []
-    for i in idx:
-        qa = data.meta[i]["qa"]
-        if qa and rng.random() < 0.75:
-            pair = rng.choice(qa)
-            questions.append(pair["question"])
-            answers.append(pair["answer"])
-        else:
-            questions.append(DESCRIBE)
-            answers.append(data.meta[i]["caption"])
-    inputs = understanding_inputs(tokenizer, questions, answers, n_image_tokens)
+    rows = [conversation(data.meta[i], rng, qa_turns) for i in idx]
+    inputs = understanding_inputs(tokenizer, [q for q, _ in rows], [a for _, a in rows], n_image_tokens)
     return {**inputs, "pixels": to_pixels(data.images[idx])}
 
 
@@ -356,10 +373,17 @@ class GenerationTask(StageTask):
     """
 
     def __init__(
-        self, *args: Any, init: str | Path, joint_weight: float = 0.0, prompt_fraction: float = 1.0, **kwargs: Any
+        self,
+        *args: Any,
+        init: str | Path,
+        joint_weight: float = 0.0,
+        prompt_fraction: float = 1.0,
+        qa_turns: int = 1,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.init, self.joint_weight, self.prompt_fraction = init, joint_weight, prompt_fraction
+        self.qa_turns = qa_turns
 
     def build_model(self) -> nn.Module:
         model = build_blip3o(self.cfg, self.tokenizer, copy.deepcopy(self.enc.vision))
@@ -386,7 +410,12 @@ class GenerationTask(StageTask):
         }
         if self.joint_weight > 0:
             out["und"] = understanding_batch(
-                self.data, self.tokenizer, idx, f"{self.seed}-und-{step}-{rank}", self.cfg.vision.grid**2
+                self.data,
+                self.tokenizer,
+                idx,
+                f"{self.seed}-und-{step}-{rank}",
+                self.cfg.vision.grid**2,
+                self.qa_turns,
             )
         return out
 
