@@ -106,35 +106,31 @@ def test_multi_turn_rows_train_every_answer_once(tokenizer):
 
 
 def test_understanding_rows_never_pair_a_question_with_the_answer_that_leaks_it(tokenizer):
-    """With several turns per row a conversation asks the scene's questions in random order, but never
-    both the yes/no and the colour question about one object; with one turn, one question a row."""
+    """With several turns per row a conversation asks the scene's questions in random order, every one
+    of them also as the opening turn, but never both the yes/no and the colour question about the
+    scene's one object; with one turn, one question a row."""
     from types import SimpleNamespace
 
     from blip3o.train.tasks import understanding_batch
 
     qa = [
-        {"type": "color", "question": "What colour is the circle?", "answer": "circle red", "about": "circle"},
-        {"type": "yesno", "question": "Is the circle blue?", "answer": "blue circle no", "about": "circle"},
+        {"type": "color", "question": "What colour is the circle?", "answer": "circle red"},
+        {"type": "yesno", "question": "Is the circle blue?", "answer": "blue circle no"},
         {"type": "existence", "question": "Is there a star in the image?", "answer": "star no"},
     ]
+    n = 200
     data = SimpleNamespace(
-        meta=[{"qa": qa, "caption": "a red circle"}] * 64, images=torch.zeros(64, 3, 64, 64, dtype=torch.uint8)
+        meta=[{"qa": qa, "caption": "a red circle"}] * n, images=torch.zeros(n, 3, 64, 64, dtype=torch.uint8)
     )
-    batch = understanding_batch(data, tokenizer, list(range(64)), "s", 4, qa_turns=3)
+    batch = understanding_batch(data, tokenizer, list(range(n)), "s", 4, qa_turns=3)
     texts = [tokenizer.decode(row[row >= 0].tolist()) for row in batch["labels"]]
     conversations = [t.split("<|im_end|>")[:-1] for t in texts if t != "a red circle<|im_end|>"]
-    assert 30 < len(conversations) < 64  # a quarter of the rows are captions
+    assert 0.65 < len(conversations) / n < 0.85  # a quarter of the rows are captions
     for answers in conversations:
         assert len(answers) == 2 and "star no" in answers
         assert ("circle red" in answers) != ("blue circle no" in answers)
-    firsts = {answers[0] for answers in conversations}
-    assert firsts == {"star no", "circle red", "blue circle no"}  # every question is also asked first
-    # about different objects, both are asked
-    qa[1] = {"type": "yesno", "question": "Is the square blue?", "answer": "blue square no", "about": "square"}
-    batch = understanding_batch(data, tokenizer, list(range(64)), "s", 4, qa_turns=3)
-    texts = [tokenizer.decode(row[row >= 0].tolist()) for row in batch["labels"]]
-    assert all(t.count("<|im_end|>") == 3 for t in texts if t != "a red circle<|im_end|>")
-    one = understanding_batch(data, tokenizer, list(range(64)), "s", 4, qa_turns=1)
+    assert {answers[0] for answers in conversations} == {"star no", "circle red", "blue circle no"}
+    one = understanding_batch(data, tokenizer, list(range(n)), "s", 4, qa_turns=1)
     assert all(tokenizer.decode(r[r >= 0].tolist()).count("<|im_end|>") == 1 for r in one["labels"])
 
 

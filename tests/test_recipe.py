@@ -64,6 +64,10 @@ def test_a_tower_trained_for_understanding_leaves_the_frozen_target_tower_alone(
     assert not torch.equal(und[f"vision.{key}"], clip[f"clip.vision_model.{key}"])
     assert torch.equal(pipe.model.vision.state_dict()[key], und[f"vision.{key}"])
     assert torch.equal(pipe.encoders.vision.state_dict()[key], clip[f"clip.vision_model.{key}"])
+    # no generation stage yet: the run chats, and asking it for images says what is missing
+    assert len(pipe.chat([Image.new("RGB", (32, 32))], ["Describe the image."], max_new_tokens=2)) == 1
+    with pytest.raises(ValueError, match="generation stage has not finished"):
+        pipe("a photo of a star")
 
 
 def test_rerun_skips_finished_stages(tiny_run):

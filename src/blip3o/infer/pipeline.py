@@ -90,6 +90,8 @@ class BLIP3oPipeline:
             encoders,
             decoder,
         )
+        self.untrained_head: Path | None = None
+        """Set by :meth:`from_run` for a run without a finished generation stage: it can chat, not draw."""
 
     @classmethod
     def from_run(cls, run: str | Path) -> BLIP3oPipeline:
@@ -101,14 +103,19 @@ class BLIP3oPipeline:
         # The model's tower is its own copy: an understanding stage may have trained it, while the generation
         # target and the pixel decoder's input stay the frozen mini-CLIP's.
         model = build_blip3o(cfg, tokenizer, copy.deepcopy(enc.vision))
-        stage = "generation" if (run / "generation" / MODEL_FILE).is_file() else "understanding"
-        load_weights(model, require(run / stage / MODEL_FILE, stage))
+        trained = (run / "generation" / MODEL_FILE).is_file()
+        if trained:
+            load_weights(model, run / "generation" / MODEL_FILE)
+        else:  # the understanding stage's head and queries are untrained, and may differ from the config's
+            load_weights(model, require(run / "understanding" / MODEL_FILE, "understanding"), skip=("head.", "queries"))
         decoder = None
         if (run / "decoder" / MODEL_FILE).is_file():
             c, side, _ = cfg.latent_shape
             decoder = PixelDecoder(cfg.decoder, c, side, cfg.vision.hidden_size)
             load_weights(decoder, run / "decoder" / MODEL_FILE)
-        return cls(cfg, model, tokenizer, enc, decoder)
+        pipe = cls(cfg, model, tokenizer, enc, decoder)
+        pipe.untrained_head = None if trained else run / "generation" / MODEL_FILE
+        return pipe
 
     def apply_sampling(self, cfg: RunConfig) -> None:
         """Take the sampling settings (steps and guidance of the generation head and of the pixel decoder)
@@ -134,6 +141,11 @@ class BLIP3oPipeline:
     ) -> list[Image.Image]:
         """Images for each prompt (``num_images`` each, prompt-major). ``seed``: one int, or one per prompt;
         image k of a prompt with seed s uses seed s + k."""
+        if self.untrained_head is not None:
+            raise ValueError(
+                f"{self.untrained_head} is missing: this run's generation stage has not finished, so it can chat"
+                " but not generate (train it with `blip3o train PRESET --out RUN`)"
+            )
         all_prompts, all_seeds = expand_requests(prompt, seed, num_images)
         gen = self.cfg.generation
         ids, mask = generation_inputs(self.tokenizer, all_prompts)

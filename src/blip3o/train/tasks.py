@@ -320,18 +320,16 @@ def conversation(meta: dict[str, Any], rng: random.Random, turns: int) -> tuple[
     caption ("Describe the image.").
 
     A conversation asks up to ``turns`` of the scene's questions in random order (multi-turn, as LLaVA
-    trains): one forward pass over the image then supervises several answers. Where the yes/no and the
-    colour question ask about the same object (scenes with one object of a unique class), it holds one
-    of them: either answer would give the other away without a look at the image. Captions, which tell
-    everything, are rows of their own.
+    trains): one forward pass over the image then supervises several answers. It holds the yes/no or
+    the colour question of a scene, not both: they ask about one object, and either answer would give
+    the other away without a look at the image. Captions, which tell everything, are rows of their own.
     """
     qa = meta["qa"]
     if not qa or rng.random() >= 0.75:
         return [DESCRIBE], [meta["caption"]]
-    about = {p.get("type"): p.get("about") for p in qa if p.get("type") in ("yesno", "color")}
-    if turns > 1 and len(about) == 2 and (about["yesno"] is None or about["yesno"] == about["color"]):
+    if turns > 1:
         drop = rng.choice(("yesno", "color"))
-        qa = [p for p in qa if p.get("type") != drop]
+        qa = [p for p in qa if p.get("type") != drop] or qa
     pairs = rng.sample(qa, min(turns, len(qa)))
     return [p["question"] for p in pairs], [p["answer"] for p in pairs]
 

@@ -117,9 +117,8 @@ def questions(objects: Sequence[Obj], rng: random.Random) -> list[dict[str, str]
     """
     qa: list[dict[str, str]] = []
 
-    def ask(kind: str, question: str, subject: str, verdict: str, about: str | None = None) -> None:
-        pair = {"type": kind, "question": question, "answer": f"{subject} {verdict}", "verdict": verdict}
-        qa.append(pair if about is None else {**pair, "about": about})
+    def ask(kind: str, question: str, subject: str, verdict: str) -> None:
+        qa.append({"type": kind, "question": question, "answer": f"{subject} {verdict}", "verdict": verdict})
 
     present = sorted({o.shape for o in objects})
     absent = [s for s in SHAPES if s not in present]
@@ -133,14 +132,11 @@ def questions(objects: Sequence[Obj], rng: random.Random) -> list[dict[str, str]
         ask("existence", f"Is there {article(s)} {s} in the image?", s, "no")
     single = _unique(objects, lambda o: o.shape)
     if single:
-        # The colour and the yes/no question ask about different objects where the scene allows, so that
-        # one conversation can hold both without either answer giving the other away.
-        o, p = rng.sample(single, 2) if len(single) >= 2 else (single[0], single[0])
-        ask("color", f"What colour is the {o.shape}?", o.shape, o.color, about=o.shape)
-        asked = p.color if rng.random() < 0.5 else rng.choice([c for c in COLOR_NAMES if c != p.color])
+        o = rng.choice(single)
+        ask("color", f"What colour is the {o.shape}?", o.shape, o.color)
+        asked = o.color if rng.random() < 0.5 else rng.choice([c for c in COLOR_NAMES if c != o.color])
         # Asked colour first: "circle red" already answers "What colour is the circle?" with its true colour.
-        verdict = "yes" if asked == p.color else "no"
-        ask("yesno", f"Is the {p.shape} {asked}?", f"{asked} {p.shape}", verdict, about=p.shape)
+        ask("yesno", f"Is the {o.shape} {asked}?", f"{asked} {o.shape}", "yes" if asked == o.color else "no")
     if len(single) >= 2:
         a, b = rng.sample(single, 2)
         holds = [r for r in RELATIONS if relation_holds(a, b, r, slack=0.6)]
