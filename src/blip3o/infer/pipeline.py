@@ -82,7 +82,10 @@ class BLIP3oPipeline:
         tokenizer: PreTrainedTokenizerBase,
         encoders: Encoders,
         decoder: PixelDecoder | None,
+        untrained_head: Path | None = None,
     ) -> None:
+        """``untrained_head``: the missing generation weights of a run whose generation stage has not
+        finished (:meth:`from_run`); such a pipeline can chat but not draw."""
         self.cfg, self.model, self.tokenizer, self.encoders, self.decoder = (
             cfg,
             model.eval(),
@@ -90,8 +93,7 @@ class BLIP3oPipeline:
             encoders,
             decoder,
         )
-        self.untrained_head: Path | None = None
-        """Set by :meth:`from_run` for a run without a finished generation stage: it can chat, not draw."""
+        self.untrained_head = untrained_head
 
     @classmethod
     def from_run(cls, run: str | Path) -> BLIP3oPipeline:
@@ -103,9 +105,10 @@ class BLIP3oPipeline:
         # The model's tower is its own copy: an understanding stage may have trained it, while the generation
         # target and the pixel decoder's input stay the frozen mini-CLIP's.
         model = build_blip3o(cfg, tokenizer, copy.deepcopy(enc.vision))
-        trained = (run / "generation" / MODEL_FILE).is_file()
+        head = run / "generation" / MODEL_FILE
+        trained = head.is_file()
         if trained:
-            load_weights(model, run / "generation" / MODEL_FILE)
+            load_weights(model, head)
         else:  # the understanding stage's head and queries are untrained, and may differ from the config's
             load_weights(model, require(run / "understanding" / MODEL_FILE, "understanding"), skip=("head.", "queries"))
         decoder = None
@@ -113,9 +116,7 @@ class BLIP3oPipeline:
             c, side, _ = cfg.latent_shape
             decoder = PixelDecoder(cfg.decoder, c, side, cfg.vision.hidden_size)
             load_weights(decoder, run / "decoder" / MODEL_FILE)
-        pipe = cls(cfg, model, tokenizer, enc, decoder)
-        pipe.untrained_head = None if trained else run / "generation" / MODEL_FILE
-        return pipe
+        return cls(cfg, model, tokenizer, enc, decoder, untrained_head=None if trained else head)
 
     def apply_sampling(self, cfg: RunConfig) -> None:
         """Take the sampling settings (steps and guidance of the generation head and of the pixel decoder)
