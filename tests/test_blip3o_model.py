@@ -294,3 +294,52 @@ def test_flow_head_feeds_lumina_the_scheduler_timestep():
     proj = head.dit.time_caption_embed.time_proj
     spread = lambda t: (proj(t[:1]) - proj(t[1:])).norm() / proj(t[:1]).norm()  # noqa: E731
     assert spread(1000 * torch.tensor([0.5, 0.45])) > 0.5 > 10 * spread(torch.tensor([0.5, 0.55]))
+
+
+def test_sample_predicting_head_returns_the_velocity_of_its_clean_map():
+    """With ``prediction="sample"`` the DiT's output is x̂0 and the head returns (x_σ − x̂0)/max(σ, floor):
+    checked against the library call, and a DiT that outputs the true x0 gives the true velocity ε − x0."""
+    from blip3o.config.model import DiTConfig
+    from blip3o.diffusion.flow import interpolate, velocity_target
+    from blip3o.models.heads import SAMPLE_SIGMA_FLOOR
+
+    torch.manual_seed(0)
+    head = FlowHead(DiTConfig(), channels=8, side=4, cond_dim=32, prediction="sample").eval()
+    x, cond, sigma = torch.randn(3, 8, 4, 4), torch.randn(3, 5, 32), torch.tensor([0.01, 0.3, 1.0])
+    rope = torch.view_as_complex(head.rope.float().contiguous())
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    x0_hat = head.dit(x, 1000 * sigma, head.cond_proj(cond), mask, rope, cross_attention_kwargs={}).sample
+    floor = torch.tensor([SAMPLE_SIGMA_FLOOR, 0.3, 1.0]).view(3, 1, 1, 1)
+    torch.testing.assert_close(head(x, sigma, cond), (x - x0_hat) / floor)
+
+    x0, noise, sigma = torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4), torch.tensor([0.05, 0.4, 0.9])
+    x_t = interpolate(x0, noise, sigma)
+    head.dit.forward = lambda *args, **kwargs: type("Out", (), {"sample": x0})()  # an oracle DiT
+    torch.testing.assert_close(head(x_t, sigma, cond), velocity_target(x0, noise))
+    with pytest.raises(ValueError, match="prediction must be"):
+        FlowHead(DiTConfig(), channels=8, side=4, cond_dim=32, prediction="epsilon")
+
+
+def test_condition_norm_standardises_the_query_states_over_the_data(tokenizer):
+    """In training the condition is standardised per (query, channel) over the batch and the running
+    statistics follow; at inference those statistics apply, so a prompt's condition does not depend on
+    the batch it is in. Off (the default), the condition is the raw query states."""
+    prompts = ["a photo of a red circle", "a photo of two stars", "a photo of a blue square left of a green cross"]
+    ids, mask = generation_inputs(tokenizer, prompts * 3)
+    raw = _pipeline(tokenizer, GenerationConfig()).model
+    normed = _pipeline(tokenizer, GenerationConfig(condition_norm=True)).model
+    with torch.no_grad():
+        states = raw.condition(ids, mask)  # the same seed builds the same weights
+        trained = normed.train().condition(ids, mask)
+        flat = states.flatten(1)
+        expected = (flat - flat.mean(0)) / (flat.var(0, unbiased=False) + 1e-5).sqrt()
+        torch.testing.assert_close(trained.flatten(1), expected, rtol=1e-4, atol=1e-4)
+        norm = normed.condition_norm
+        torch.testing.assert_close(norm.running_mean, 0.1 * flat.mean(0))
+        normed.eval()
+        together = normed.condition(ids, mask)
+        alone = normed.condition(*generation_inputs(tokenizer, prompts[:1]))
+        torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-5)
+        scale = (norm.running_var + norm.eps).sqrt()
+        torch.testing.assert_close(together.flatten(1), (flat - norm.running_mean) / scale, rtol=1e-4, atol=1e-4)
+    assert "condition_norm.running_mean" not in raw.state_dict()

@@ -136,6 +136,12 @@ class GenerationConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     cond_dropout: float = 0.1
     """Probability of zeroing a sample's whole condition in training (classifier-free guidance)."""
+    condition_norm: bool = False
+    """Standardise the query states over the data before the head (:class:`blip3o.models.unified.BLIP3o`)."""
+    prediction: Literal["velocity", "sample"] = "velocity"
+    """What the flow head's DiT outputs: the velocity itself (official BLIP3-o), or the clean map x̂0,
+    from which the head returns the velocity (x_σ − x̂0)/σ, so that the loss and the sampler are unchanged
+    (x-prediction, Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise")."""
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
     shift: float = 1.0
     steps: int = 30

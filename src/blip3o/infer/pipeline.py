@@ -27,7 +27,7 @@ from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
 from blip3o.diffusion.sampler import euler_sample
 from blip3o.models.build import Encoders, build_blip3o, load_weights
 from blip3o.models.heads import PixelDecoder, map_to_tokens
-from blip3o.models.unified import BLIP3o
+from blip3o.models.unified import GENERATION_PARTS, BLIP3o
 
 MODEL_FILE = "model.safetensors"
 SCALES_FILE = "scales.safetensors"
@@ -110,7 +110,7 @@ class BLIP3oPipeline:
         if trained:
             load_weights(model, head)
         else:  # the understanding stage's head and queries are untrained, and may differ from the config's
-            load_weights(model, require(run / "understanding" / MODEL_FILE, "understanding"), skip=("head.", "queries"))
+            load_weights(model, require(run / "understanding" / MODEL_FILE, "understanding"), skip=GENERATION_PARTS)
         decoder = None
         if (run / "decoder" / MODEL_FILE).is_file():
             c, side, _ = cfg.latent_shape

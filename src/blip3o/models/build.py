@@ -115,8 +115,14 @@ def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:
     if cfg.generation.objective == "mse":
         head: nn.Module = RegressionHead(width, channels, side)
     else:
-        head = FlowHead(cfg.generation.dit, channels, side, width)
+        head = FlowHead(cfg.generation.dit, channels, side, width, prediction=cfg.generation.prediction)
     projector = Projector(cfg.vision.hidden_size, width)
     return BLIP3o(
-        backbone, vision, projector, head, cfg.generation.num_queries, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        backbone,
+        vision,
+        projector,
+        head,
+        cfg.generation.num_queries,
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        condition_norm=cfg.generation.condition_norm,
     )

@@ -50,11 +50,26 @@ def condition_projection(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(approximate="tanh"), nn.Linear(out_dim, out_dim))
 
 
-class FlowHead(nn.Module):
-    """Velocity network over a (C, h, w) map conditioned on (B, L, H) hidden states."""
+SAMPLE_SIGMA_FLOOR = 0.05
+"""With x-prediction the velocity is (x_σ − x̂0)/σ; σ is floored here (as JiT floors its 1 − t) so that the
+velocity and its loss stay bounded near the data end."""
 
-    def __init__(self, cfg: DiTConfig, channels: int, side: int, cond_dim: int) -> None:
+
+class FlowHead(nn.Module):
+    """Velocity network over a (C, h, w) map conditioned on (B, L, H) hidden states.
+
+    ``prediction="velocity"``: the DiT outputs v̂ directly. ``prediction="sample"``: it outputs the clean
+    map x̂0 and the head returns v̂ = (x_σ − x̂0)/max(σ, :data:`SAMPLE_SIGMA_FLOOR`), the velocity of the
+    straight path through x̂0, so the flow loss and the Euler sampler see a velocity either way. A DiT
+    as narrow as its tokens cannot carry the full-rank noise that v = ε − x0 contains, while x0 lies on
+    the low-dimensional set of real maps.
+    """
+
+    def __init__(self, cfg: DiTConfig, channels: int, side: int, cond_dim: int, prediction: str = "velocity") -> None:
         super().__init__()
+        if prediction not in ("velocity", "sample"):
+            raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}")
+        self.prediction = prediction
         self.cond_proj = condition_projection(cond_dim, cfg.hidden_size)
         self.dit = build_lumina(cfg, channels, side, cfg.hidden_size)
         with torch.no_grad():  # diffusers leaves it uninitialised; it is only used for ragged patch grids
@@ -77,8 +92,11 @@ class FlowHead(nn.Module):
         if cond_mask is None:
             cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
         rope = torch.view_as_complex(self.rope.float().contiguous())
-        out = self.dit(x, 1000.0 * sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={})
-        return out.sample
+        out = self.dit(x, 1000.0 * sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={}).sample
+        if self.prediction == "velocity":
+            return out
+        floor = sigma.clamp(min=SAMPLE_SIGMA_FLOOR).view(-1, 1, 1, 1)
+        return (x - out) / floor
 
 
 class RegressionHead(nn.Module):

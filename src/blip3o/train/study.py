@@ -25,6 +25,7 @@ from blip3o.eval.distribution import diversity, frechet_distance
 from blip3o.eval.model_eval import geneval_run, load_prompts, vqa_run
 from blip3o.infer.pipeline import MODEL_FILE, BLIP3oPipeline
 from blip3o.models.build import load_weights
+from blip3o.models.unified import GENERATION_PARTS
 from blip3o.train.recipe import run_recipe
 
 SHARED = ("world", "tokenizer", "clip", "vae", "decoder", "understanding", "scales.safetensors")
@@ -66,7 +67,7 @@ def measure(
     real = load_split(run / "world", "heldout").images
     out["frechet_clip"] = frechet_distance(feats, _features(pipe, list(to_pil(real[: len(images)]))))
     out["vqa_after"] = vqa_run(pipe, run / "world", limit=vqa_limit, progress=progress)["overall"]
-    load_weights(pipe.model, run / "understanding" / MODEL_FILE, skip=("head.", "queries"))
+    load_weights(pipe.model, run / "understanding" / MODEL_FILE, skip=GENERATION_PARTS)
     out["vqa_before"] = vqa_run(pipe, run / "world", limit=vqa_limit, progress=progress)["overall"]
     summary = json.loads((run / "generation" / "summary.json").read_text())
     out["steps"], out["wall_time_s"] = summary["steps"], summary["wall_time_s"]

@@ -31,6 +31,7 @@ from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocit
 from blip3o.models.build import Encoders, build_blip3o, load_weights
 from blip3o.models.heads import PixelDecoder, map_to_tokens
 from blip3o.models.parts import build_clip, build_vae
+from blip3o.models.unified import GENERATION_PARTS
 from blip3o.world.prompts import shape_swapped, shapes_named
 from blip3o.world.spec import COLOR_NAMES, SHAPES
 
@@ -386,7 +387,7 @@ class GenerationTask(StageTask):
     def build_model(self) -> nn.Module:
         model = build_blip3o(self.cfg, self.tokenizer, copy.deepcopy(self.enc.vision))
         # The understanding stage's weights, without its (untrained) generation head, which may differ in kind.
-        load_weights(model, self.init, skip=("head.", "queries"))
+        load_weights(model, self.init, skip=GENERATION_PARTS)
         return model
 
     @cached_property
