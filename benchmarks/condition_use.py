@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blip3o.data.processing import generation_inputs, to_pixels
+from blip3o.data.processing import generation_inputs
 from blip3o.data.world_data import load_split
 from blip3o.infer.pipeline import BLIP3oPipeline, seeded_noise
+from blip3o.train.tasks import encode_in_chunks
 
 from common import emit
 
@@ -52,10 +53,10 @@ def main() -> None:
 
     pipe = BLIP3oPipeline.from_run(args.run)
     split = load_split(args.run / "world", "train")
-    meta = [m for m in split.meta if m["kind"] == "scene"][: args.n]
+    meta = split.meta[: args.n]  # a split's meta and images are its scenes, in one order
     prompts = [m["prompt"] for m in meta]
     with torch.no_grad():
-        maps = torch.cat([pipe.encoders.clip(to_pixels(split.images[i : i + 200])) for i in range(0, len(meta), 200)])
+        maps = encode_in_chunks(split.images[: len(meta)], pipe.encoders.clip)
         cond = torch.cat(
             [
                 pipe.model.condition(*generation_inputs(pipe.tokenizer, prompts[i : i + 200]))
