@@ -343,3 +343,58 @@ def test_condition_norm_standardises_the_query_states_over_the_data(tokenizer):
         scale = (norm.running_var + norm.eps).sqrt()
         torch.testing.assert_close(together.flatten(1), (flat - norm.running_mean) / scale, rtol=1e-4, atol=1e-4)
     assert "condition_norm.running_mean" not in raw.state_dict()
+
+
+def test_prior_head_feeds_its_regressed_map_to_the_dit_and_builds_on_it():
+    """With a prior the DiT reads [x_σ, μ(cond)] and, with x-prediction, x̂0 = μ + its output: checked against
+    the library call for both predictions, and a given prior map is used instead of recomputing it."""
+    from blip3o.config.model import DiTConfig
+    from blip3o.models.heads import SAMPLE_SIGMA_FLOOR
+
+    torch.manual_seed(0)
+    x, cond, sigma = torch.randn(3, 8, 4, 4), torch.randn(3, 16, 32), torch.tensor([0.01, 0.3, 1.0])
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    floor = torch.tensor([SAMPLE_SIGMA_FLOOR, 0.3, 1.0]).view(3, 1, 1, 1)
+    for prediction in ("velocity", "sample"):
+        head = FlowHead(DiTConfig(), channels=8, side=4, cond_dim=32, prediction=prediction, prior_tokens=16).eval()
+        rope = torch.view_as_complex(head.rope.float().contiguous())
+        with torch.no_grad():
+            prior = head.prior(cond)
+            out = head.dit(
+                torch.cat([x, prior], 1), 1000 * sigma, head.cond_proj(cond), mask, rope, cross_attention_kwargs={}
+            )
+            out = out.sample[:, :8]
+            expected = out if prediction == "velocity" else (x - (prior + out)) / floor
+            torch.testing.assert_close(head(x, sigma, cond), expected)
+            other = torch.randn_like(prior)
+            assert not torch.allclose(head(x, sigma, cond, prior=other), expected)
+            torch.testing.assert_close(head(x, sigma, cond, prior=prior), expected)
+
+
+def test_prior_needs_the_flow_head_and_the_mse_head_one_query_per_target_token():
+    from blip3o.config import resolve
+    from blip3o.config.checks import ConfigError
+
+    assert resolve(
+        "tiny-debug", ["model.generation.prior=true", "model.generation.num_queries=8"]
+    ).model.generation.prior
+    with pytest.raises(ConfigError, match="MSE head is one already"):
+        resolve("tiny-debug", ["model.generation.prior=true", "model.generation.objective=mse"])
+    with pytest.raises(ConfigError, match="num_queries must be 16"):
+        resolve("tiny-debug", ["model.generation.objective=mse", "model.generation.num_queries=8"])
+
+
+def test_conditional_mean_reads_the_standardised_pooled_condition():
+    """Training standardises each (token, channel) over the batch, so a shared offset and scale of the
+    condition change nothing; at inference the running statistics apply, one prompt at a time."""
+    from blip3o.models.heads import ConditionalMean
+
+    torch.manual_seed(0)
+    prior = ConditionalMean(cond_dim=8, num_tokens=3, channels=2, side=4, hidden=16)
+    cond = torch.randn(6, 3, 8)
+    flat = cond.flatten(1)
+    z = ((flat - flat.mean(0)) / (flat.var(0, unbiased=False) + prior.norm.eps).sqrt()).view(6, 3, 8).mean(1)
+    torch.testing.assert_close(prior(cond), prior.net(z).view(6, 2, 4, 4))
+    torch.testing.assert_close(prior(5 + 3 * cond), prior(cond), rtol=1e-4, atol=1e-4)
+    prior.eval()
+    torch.testing.assert_close(prior(cond)[:1], prior(cond[:1]))

@@ -213,3 +213,61 @@ def test_generation_rows_ask_by_prompt_or_caption(tiny_run):
         task, ids = asked(fraction)
         texts = [task.data.meta[i][key] for i in task.indices(2, 0, 0, 1)]
         assert torch.equal(ids, generation_inputs(task.tokenizer, texts)[0])
+
+
+def test_a_prior_head_trains_its_map_by_mse_and_generates(tiny_run, tmp_path):
+    """With ``generation.prior`` the stage's loss adds the prior's MSE to x0 (with its weight) to the flow
+    loss, and a run trained so samples images through the pipeline."""
+    from blip3o.diffusion.flow import flow_loss
+    from blip3o.train.recipe import make_task
+    from blip3o.train.tasks import flow_step
+
+    overrides = [
+        "model.generation.prior=true",
+        "model.generation.prediction=sample",
+        "model.generation.prior_weight=0.5",
+    ]
+    task = make_task("generation", resolve("tiny-debug", overrides), tiny_run)
+    model, batch = task.build_model(), task.batch(1, 0, 0, 1)
+    losses = task.loss(model, batch)
+    torch.testing.assert_close(losses["loss"], losses["gen"] + 0.5 * losses["prior"])
+    gen = task.cfg.generation
+    keep = flow_step(gen.cond_dropout, gen.shift, gen.timestep_sampling, batch["x0"], batch["seed"])[3]
+    with torch.no_grad():
+        cond = model.condition(batch["input_ids"], batch["attention_mask"]) * keep[:, None, None]
+        torch.testing.assert_close(losses["prior"], flow_loss(model.head.prior(cond), batch["x0"]))
+
+    for part in ("world", "tokenizer", "clip", "vae", "decoder", "understanding", "scales.safetensors"):
+        (tmp_path / part).symlink_to(tiny_run / part)
+    run_recipe(resolve("tiny-debug", ["recipe.stages=[generation]", *overrides]), tmp_path, progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "generation" / "metrics.jsonl").read_text().splitlines()]
+    assert all("prior" in m for m in metrics if "loss" in m)
+    pipe = BLIP3oPipeline.from_run(tmp_path)
+    assert pipe.model.head.prior is not None
+    images = pipe(["a photo of a star", "a photo of two red circles"], seed=0, num_inference_steps=2)
+    assert len(images) == 2 and images[0].size == images[1].size
+
+
+def test_decoder_noise_augmentation_perturbs_each_training_map_by_at_most_its_level(tiny_run):
+    from blip3o.train.recipe import make_task
+    from blip3o.train.tasks import flow_step
+
+    seen = []
+
+    def model(x, sigma, clip):
+        seen.append(clip)
+        return torch.zeros_like(x)
+
+    for level in (0.0, 0.5):
+        task = make_task("decoder", resolve("tiny-debug", [f"model.decoder.noise_augment={level}"]), tiny_run)
+        batch = task.batch(2, 0, 0, 1)
+        task.loss(model, batch)
+        keep = flow_step(task.cfg.decoder.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"])[3]
+        delta = seen[-1] - batch["clip"] * keep[:, None, None]
+        if level == 0:
+            assert torch.equal(delta, torch.zeros_like(delta))
+            continue
+        std = delta.std(dim=(1, 2))[keep.bool()]
+        assert bool((std < 1.1 * level).all()) and bool((std > 0).all()) and float(std.std()) > 0.01
+    with pytest.raises(ValueError, match=r"decoder\.noise_augment"):
+        resolve("tiny-debug", ["model.decoder.noise_augment=-1"])

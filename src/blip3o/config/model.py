@@ -142,6 +142,11 @@ class GenerationConfig:
     """What the flow head's DiT outputs: the velocity itself (official BLIP3-o), or the clean map x̂0,
     from which the head returns the velocity (x_σ − x̂0)/σ, so that the loss and the sampler are unchanged
     (x-prediction, Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise")."""
+    prior: bool = False
+    """Give the flow head a regressed conditional mean E[map | prompt] as extra input channels (and, with
+    x-prediction, as the base of its x̂0), trained by its own MSE (:class:`blip3o.models.heads.FlowHead`)."""
+    prior_weight: float = 1.0
+    """Weight of the prior's MSE beside the flow loss."""
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
     shift: float = 1.0
     steps: int = 30
@@ -152,6 +157,11 @@ class GenerationConfig:
         check_float("generation.cond_dropout", self.cond_dropout, ge=0, le=1)
         check_float("generation.shift", self.shift, gt=0)
         check_int("generation.steps", self.steps, ge=1)
+        check_float("generation.prior_weight", self.prior_weight, ge=0)
+        if self.prior and self.objective != "flow":
+            raise ConfigError(
+                "a prior is an input of the flow head; the MSE head is one already", key="generation.prior"
+            )
         if self.objective == "mse" and self.target != "clip":
             raise ConfigError("the MSE objective regresses CLIP features; use target=clip", key="generation.objective")
         if self.condition != "queries":
@@ -167,8 +177,15 @@ class DecoderConfig:
     """Also feed the CLIP map, upsampled to the latent grid, as extra input channels (besides the
     cross-attention), so that each latent token sees the feature of its own place."""
     cond_dropout: float = 0.1
+    noise_augment: float = 0.0
+    """Conditioning augmentation (Imagen, cascaded diffusion): each training map gets Gaussian noise of a
+    std drawn uniformly from [0, noise_augment], so that the decoder learns to render maps that are near,
+    not on, the encoder's (what a generation head samples). 0 trains on the encoder's maps only."""
     steps: int = 20
     guidance_scale: float = 1.5
+
+    def __post_init__(self) -> None:
+        check_float("decoder.noise_augment", self.noise_augment, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -183,6 +200,15 @@ class ModelConfig:
     tokenizer: str | None = None
     """Path of the text tokenizer (a world-trained BPE at shapes scale, the backbone's own at real scale)."""
     vocab_size: int = 1024
+
+    def __post_init__(self) -> None:
+        gen, (_, h, w) = self.generation, self.target_shape
+        if gen.objective == "mse" and gen.num_queries != h * w:
+            raise ConfigError(
+                f"the MSE head needs one query per target token: num_queries must be {h * w} "
+                f"({h}×{w}), got {gen.num_queries}",
+                key="generation.num_queries",
+            )
 
     @property
     def target_shape(self) -> tuple[int, int, int]:

@@ -115,7 +115,9 @@ def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:
     if cfg.generation.objective == "mse":
         head: nn.Module = RegressionHead(width, channels, side)
     else:
-        head = FlowHead(cfg.generation.dit, channels, side, width, prediction=cfg.generation.prediction)
+        gen = cfg.generation
+        prior = gen.num_queries if gen.prior else None
+        head = FlowHead(gen.dit, channels, side, width, prediction=gen.prediction, prior_tokens=prior)
     projector = Projector(cfg.vision.hidden_size, width)
     return BLIP3o(
         backbone,

@@ -5,6 +5,8 @@
   the DiT by cross-attention; the DiT predicts the flow velocity of a (C, h, w) target map.
 - :class:`RegressionHead` is the CLIP + MSE ablation: each query's hidden state is mapped to one
   token of the target feature map.
+- :class:`ConditionalMean` regresses E[map | condition] from the standardised, pooled condition: the
+  optional *prior* of a flow head, given to its DiT as extra input channels.
 - :class:`PixelDecoder` wraps diffusers' ``SanaTransformer2DModel`` over VAE latents, conditioned on
   CLIP feature tokens (the official SigLIP2 → SANA reconstruction design).
 
@@ -63,15 +65,31 @@ class FlowHead(nn.Module):
     straight path through x̂0, so the flow loss and the Euler sampler see a velocity either way. A DiT
     as narrow as its tokens cannot carry the full-rank noise that v = ε − x0 contains, while x0 lies on
     the low-dimensional set of real maps.
+
+    ``prior_tokens=N`` (the condition's length) adds a :class:`ConditionalMean` μ whose map is fed to the
+    DiT as C extra input channels at every step, and, with x-prediction, is the base the DiT's output is
+    added to: x̂0 = μ + DiT(x_σ, μ). Trained towards x0 by its own MSE, μ is the conditional mean
+    E[x0 | prompt], the optimal x̂0 at σ = 1, and every token of the map then sees what the prompt
+    expects at its own place, where the cross-attention alone has to find it. A dropped condition (zeros)
+    gives the unconditional mean. The DiT's output has as many channels as its input; the first C are used.
     """
 
-    def __init__(self, cfg: DiTConfig, channels: int, side: int, cond_dim: int, prediction: str = "velocity") -> None:
+    def __init__(
+        self,
+        cfg: DiTConfig,
+        channels: int,
+        side: int,
+        cond_dim: int,
+        prediction: str = "velocity",
+        prior_tokens: int | None = None,
+    ) -> None:
         super().__init__()
         if prediction not in ("velocity", "sample"):
             raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}")
-        self.prediction = prediction
+        self.prediction, self.channels = prediction, channels
+        self.prior = None if prior_tokens is None else ConditionalMean(cond_dim, prior_tokens, channels, side)
         self.cond_proj = condition_projection(cond_dim, cfg.hidden_size)
-        self.dit = build_lumina(cfg, channels, side, cfg.hidden_size)
+        self.dit = build_lumina(cfg, channels * (1 if self.prior is None else 2), side, cfg.hidden_size)
         with torch.no_grad():  # diffusers leaves it uninitialised; it is only used for ragged patch grids
             self.dit.pad_token.zero_()
             for layer in self.dit.layers:  # open the cross-attention (loaded weights replace this)
@@ -87,16 +105,25 @@ class FlowHead(nn.Module):
         sigma: torch.Tensor,
         cond: torch.Tensor,
         cond_mask: torch.Tensor | None = None,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, h, w), σ (B,), cond (B, L, H), cond_mask (B, L) → velocity (B, C, h, w)."""
+        """x (B, C, h, w), σ (B,), cond (B, L, H), cond_mask (B, L) → velocity (B, C, h, w). ``prior``: the
+        prior head's map for ``cond``, if the caller already has it (it is computed otherwise)."""
         if cond_mask is None:
             cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+        if self.prior is not None:
+            prior = self.prior(cond) if prior is None else prior
+            x_in = torch.cat([x, prior], 1)
+        else:
+            x_in = x
         rope = torch.view_as_complex(self.rope.float().contiguous())
-        out = self.dit(x, 1000.0 * sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={}).sample
+        out = self.dit(x_in, 1000.0 * sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={}).sample
+        out = out[:, : self.channels]
         if self.prediction == "velocity":
             return out
+        x0 = out if prior is None else prior + out
         floor = sigma.clamp(min=SAMPLE_SIGMA_FLOOR).view(-1, 1, 1, 1)
-        return (x - out) / floor
+        return (x - x0) / floor
 
 
 class RegressionHead(nn.Module):
@@ -112,6 +139,31 @@ class RegressionHead(nn.Module):
         if n != self.side * self.side:
             raise ValueError(f"the MSE head needs {self.side**2} queries (one per feature token), got {n}")
         return tokens_to_map(self.net(cond))  # (B, C, h, w)
+
+
+class ConditionalMean(nn.Module):
+    """E[map | condition] from a (B, N, H) condition: each (token, channel) entry standardised over the data
+    (``BatchNorm1d`` without affine weights: batch statistics in training, running ones at inference),
+    averaged over the N tokens, then an MLP to the whole (C, h, w) map.
+
+    The standardisation is what makes a backbone trained from scratch readable: its query states are one
+    shared vector plus a prompt-dependent part about a fifth of its size. A 512-wide MLP on the standardised
+    mean reads 0.93 of a prompt's effect on the map in 1,500 steps, against 0.75 on the raw mean
+    (``benchmarks/condition_use.py``).
+    """
+
+    def __init__(self, cond_dim: int, num_tokens: int, channels: int, side: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.shape = (channels, side, side)
+        self.norm = nn.BatchNorm1d(num_tokens * cond_dim, affine=False)
+        self.net = nn.Sequential(
+            nn.Linear(cond_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels * side * side)
+        )
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        b, n, d = cond.shape
+        pooled = self.norm(cond.flatten(1)).view(b, n, d).mean(1)
+        return self.net(pooled).view(b, *self.shape)
 
 
 class PixelDecoder(nn.Module):

@@ -113,7 +113,8 @@ class BLIP3o(nn.Module):
 
         ``generate`` takes input_ids, attention_mask, keep (B,) (1 keeps the condition, 0 drops it for
         classifier-free guidance) and, for flow heads, x (B, C, h, w) and sigma (B,); it returns the
-        velocity, or the regressed map for the MSE head.
+        velocity, or the regressed map for the MSE head; a flow head with a prior returns the velocity and
+        the prior's map.
         """
         if mode == "logits":
             return self.logits(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixels"))
@@ -122,6 +123,9 @@ class BLIP3o(nn.Module):
             cond = cond * inputs["keep"].to(cond.dtype)[:, None, None]
             if isinstance(self.head, RegressionHead):
                 return self.regress(cond)
+            if self.head.prior is not None:
+                prior = self.head.prior(cond)
+                return self.head(inputs["x"], inputs["sigma"], cond, prior=prior), prior
             return self.velocity(inputs["x"], inputs["sigma"], cond)
         raise ValueError(f"unknown mode {mode!r}; allowed: 'logits', 'generate'")
 

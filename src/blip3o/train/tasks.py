@@ -285,10 +285,14 @@ class DecoderTask(StageTask):
         return {"latents": latents[idx], "clip": clip[idx], "seed": self.generator(step, micro, rank)}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        sigma, x_t, target, keep = flow_step(
-            self.cfg.decoder.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"]
-        )
-        v = model(x_t, sigma, batch["clip"] * keep[:, None, None])
+        dec = self.cfg.decoder
+        sigma, x_t, target, keep = flow_step(dec.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"])
+        clip = batch["clip"]
+        if dec.noise_augment > 0:
+            g = torch.Generator().manual_seed(batch["seed"] + 1)
+            level = dec.noise_augment * torch.rand(clip.shape[0], 1, 1, generator=g)
+            clip = clip + level * torch.randn(clip.shape, generator=g)
+        v = model(x_t, sigma, clip * keep[:, None, None])
         return {"loss": flow_loss(v, target)}
 
 
@@ -430,9 +434,16 @@ class GenerationTask(StageTask):
             sigma=sigma,
             keep=keep,
         )
+        prior_loss = None
+        if gen.prior:
+            pred, prior = pred
+            prior_loss = flow_loss(prior, x0)
         gen_loss = flow_loss(pred, target) if gen.objective == "flow" else flow_loss(pred, x0)
         out = {"gen": gen_loss.detach()}
         total = gen_loss
+        if prior_loss is not None:
+            total = total + gen.prior_weight * prior_loss
+            out["prior"] = prior_loss.detach()
         if self.joint_weight > 0:
             und = understanding_loss(model, batch["und"])
             total = total + self.joint_weight * und
