@@ -7,7 +7,7 @@ it against the prompt. σ₀ = 0 scores the decoder alone (the bound of everythi
 σ₀ = 1 is plain sampling from noise. Where the fraction correct falls between two σ₀, the head fails
 to restore what that much noise hides.
 
-Run: ``.venv/bin/python benchmarks/head_denoise.py RUN [--n 120] [--sigmas 0 0.3 0.5 0.7 1]``.
+Run: ``.venv/bin/python benchmarks/head_denoise.py RUN [--n 120] [--sigmas 0 0.3 0.5 0.7 1] [--guidance-scale G]``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=120, help="held-out scenes")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 1.0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=float, help="the head's CFG scale (default: the run's config)")
     args = parser.parse_args()
 
     pipe = BLIP3oPipeline.from_run(args.run)
@@ -40,7 +41,7 @@ def main() -> None:
     if gen.target != "clip" or gen.objective != "flow":
         raise SystemExit(f"{args.run} generates {gen.target} with {gen.objective}; this probe needs clip + flow")
     split = load_split(args.run / "world", "heldout")
-    scenes = [i for i, m in enumerate(split.meta) if m["kind"] == "scene"][: args.n]
+    scenes = list(range(min(args.n, len(split.meta))))  # a split's meta is its scenes
     records = [split.meta[i]["metadata"] for i in scenes]
     x0 = pipe.encoders.clip(to_pixels(split.images[scenes]))
     cond = pipe.model.condition(*generation_inputs(pipe.tokenizer, [split.meta[i]["prompt"] for i in scenes]))
@@ -57,7 +58,7 @@ def main() -> None:
                 cond,
                 uncond=torch.zeros_like(cond),
                 num_steps=gen.steps,
-                guidance_scale=gen.guidance_scale,
+                guidance_scale=gen.guidance_scale if args.guidance_scale is None else args.guidance_scale,
                 shift=gen.shift,
                 start=s,
             )
