@@ -64,6 +64,13 @@ class StageTask:
         return (self.seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**31)
 
 
+def side_generator(seed: int) -> torch.Generator:
+    """A generator for a batch's draws besides its flow noise (augmentation, corruption), from the batch's
+    seed. :meth:`StageTask.generator` seeds stay below 2**31, so this one never replays another micro-batch's
+    or rank's stream (``seed + 1`` is the next rank's seed)."""
+    return torch.Generator().manual_seed(seed + 2**31)
+
+
 @torch.no_grad()
 def encode_in_chunks(
     images: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor], chunk: int = 256
@@ -289,7 +296,7 @@ class DecoderTask(StageTask):
         sigma, x_t, target, keep = flow_step(dec.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"])
         clip = batch["clip"]
         if dec.noise_augment > 0:
-            g = torch.Generator().manual_seed(batch["seed"] + 1)
+            g = side_generator(batch["seed"])
             level = dec.noise_augment * torch.rand(clip.shape[0], 1, 1, generator=g)
             clip = clip + level * torch.randn(clip.shape, generator=g)
         v = model(x_t, sigma, clip * keep[:, None, None])
