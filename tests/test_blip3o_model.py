@@ -225,6 +225,31 @@ def test_sigmoid_loss_is_siglips_plus_the_hard_negative_column(tokenizer):
     torch.testing.assert_close(sigmoid_loss(logits), reference + extra)
 
 
+def test_locality_loss_is_the_share_of_map_variance_in_empty_patches():
+    """The empty patches are those no object box overlaps (a box edge inside a patch counts); the loss is
+    Σ over them of ‖feature − background‖² over the map's total variance, by hand, and it does not change
+    when every feature is scaled or shifted with the background."""
+    from blip3o.train.tasks import empty_patches, locality_loss
+
+    star = {"class": "star", "color": "red", "box": [0.0, 0.0, 18.0, 18.0]}  # overlaps columns and rows 0-2
+    scene = {"kind": "scene", "size": 64, "objects": [star]}
+    empty = empty_patches([scene, {"kind": "text", "size": 64}], 8)
+    expected = torch.ones(8, 8, dtype=torch.bool)
+    expected[:3, :3] = False
+    assert torch.equal(empty[0], expected.flatten()) and not empty[1].any()
+
+    torch.manual_seed(0)
+    feats, background = torch.randn(2, 64, 5), torch.randn(5)
+    by_hand = (
+        sum(((feats[b, n] - background) ** 2).sum() for b in range(2) for n in range(64) if empty[b, n])
+        / ((feats - feats.reshape(-1, 5).mean(0)) ** 2).sum()
+    )
+    loss = locality_loss(feats - background, empty)
+    torch.testing.assert_close(loss, by_hand)
+    torch.testing.assert_close(locality_loss(3 * (feats + 1) - 3 * (background + 1), empty), loss)
+    assert locality_loss(feats - background, torch.zeros_like(empty)) == 0
+
+
 def test_grounding_head_reads_every_patch_and_its_targets_are_the_boxes_covering_each_patch(tokenizer):
     """The grounding logits of patch i are the linear head on patch i's feature; the targets give each patch
     the class and colour of the box covering its centre (0 = background), and ignore text scenes."""
@@ -237,9 +262,10 @@ def test_grounding_head_reads_every_patch_and_its_targets_are_the_boxes_covering
     pixels = torch.randn(2, 3, 48, 48)
     ids = tokenizer(TEXTS[:2], padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        _, _, logits = model(ids, pixels)
+        _, _, logits, offsets = model(ids, pixels)
         patches = model.clip.vision_model(pixel_values=pixels).last_hidden_state  # (2, 36, D): a 6×6 grid
     torch.testing.assert_close(logits, model.patches(patches))
+    torch.testing.assert_close(offsets, patches - model.background)
 
     star = {"class": "star", "color": "red", "box": [0.0, 0.0, 18.0, 18.0]}  # patch centres 4 and 12 px
     circle = {"class": "circle", "color": "blue", "box": [34.0, 40.0, 50.0, 60.0]}  # columns 4-5, rows 5-7

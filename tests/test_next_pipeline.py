@@ -159,6 +159,9 @@ def test_reuse_links_shared_stages_and_refuses_a_different_config(run, tmp_path)
     )
     with pytest.raises(ValueError, match=r"differs in model\.vae"):
         link_shared(cfg, tmp_path / "new", other)
+    dump_yaml(replace(cfg, recipe=replace(cfg.recipe, clip_local_weight=10.0)), other / "config.yaml")
+    with pytest.raises(ValueError, match=r"differs in recipe\.clip_local_weight"):
+        link_shared(cfg, tmp_path / "new", other)
 
 
 def test_cli_generate_edit_and_eval_edit(run, tmp_path, capsys):

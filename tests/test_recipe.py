@@ -271,3 +271,28 @@ def test_decoder_noise_augmentation_perturbs_each_training_map_by_at_most_its_le
         assert bool((std < 1.1 * level).all()) and bool((std > 0).all()) and float(std.std()) > 0.01
     with pytest.raises(ValueError, match=r"decoder\.noise_augment"):
         resolve("tiny-debug", ["model.decoder.noise_augment=-1"])
+
+
+def test_clip_stage_adds_the_locality_loss_with_its_weight(tiny_run):
+    """``recipe.clip_local_weight`` adds that multiple of the locality loss (recomputed from the model's
+    patch features and the batch's empty patches) to the clip stage's loss; at 0 it is logged only."""
+    from blip3o.config.checks import ConfigError
+    from blip3o.train.recipe import make_task
+    from blip3o.train.tasks import empty_patches, locality_loss
+
+    losses = {}
+    for weight in (0.0, 2.0):
+        task = make_task("clip", resolve("tiny-debug", [f"recipe.clip_local_weight={weight}"]), tiny_run)
+        torch.manual_seed(0)
+        model, batch = task.build_model(), task.batch(1, 0, 0, 1)
+        idx = task.indices(1, 0, 0, 1)
+        assert torch.equal(batch["empty"], empty_patches([task.data.meta[i] for i in idx], task.cfg.vision.grid))
+        losses[weight] = task.loss(model, batch)
+        with torch.no_grad():
+            patches = model.clip.vision_model(pixel_values=batch["pixels"]).last_hidden_state
+            expected = locality_loss(patches - model.background, batch["empty"])
+        torch.testing.assert_close(losses[weight]["local"], expected)
+    assert float(losses[0.0]["local"]) > 0
+    torch.testing.assert_close(losses[2.0]["loss"], losses[0.0]["loss"] + 2.0 * losses[0.0]["local"])
+    with pytest.raises(ConfigError, match=r"recipe\.clip_local_weight"):
+        resolve("tiny-debug", ["recipe.clip_local_weight=-1"])

@@ -74,6 +74,9 @@ class RecipeConfig:
     """Instruction tuning: share of rows asked for by the GenEval-style prompt (the rest by the caption)."""
     instruct_per_tag: int = 500
     """Instruction tuning: scenes per GenEval tag in the curated set."""
+    clip_local_weight: float = 0.0
+    """Mini-CLIP: weight of the locality loss (:class:`blip3o.train.tasks.ClipTask`), the share of the map's
+    variance that sits in patches no object touches. 0 leaves the empty patches free to carry the scene."""
     qa_turns: int = 6
     """Understanding: question/answer turns per conversation about one image (LLaVA-style multi-turn
     rows; a world scene has up to 6 questions). 1 trains one question per row."""
@@ -91,6 +94,7 @@ class RecipeConfig:
         check_float("recipe.instruct_prompt_fraction", self.instruct_prompt_fraction, ge=0, le=1)
         check_int("recipe.instruct_per_tag", self.instruct_per_tag, ge=1)
         check_int("recipe.qa_turns", self.qa_turns, ge=1)
+        check_float("recipe.clip_local_weight", self.clip_local_weight, ge=0)
 
     def stage(self, name: str) -> TrainConfig:
         return getattr(self, name)

@@ -89,8 +89,10 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
     tcfg = cfg.recipe.stage(stage)
     common = (cfg.model, out / "world", out / "tokenizer", tcfg.batch_size, tcfg.seed)
     kwargs = {"grad_accum": tcfg.grad_accum}
-    if stage in ("clip", "vae"):
-        return (ClipTask if stage == "clip" else VAETask)(*common, **kwargs)
+    if stage == "clip":
+        return ClipTask(*common, **kwargs, local_weight=cfg.recipe.clip_local_weight)
+    if stage == "vae":
+        return VAETask(*common, **kwargs)
     kwargs["encoders"] = encoders(cfg, out)
     if stage == "decoder":
         return DecoderTask(*common, **kwargs)
@@ -146,6 +148,7 @@ def link_shared(cfg: RunConfig, out: Path, source: Path) -> list[str]:
         return {
             "world": to_dict(c.world),
             "recipe.vocab_size": c.recipe.vocab_size,
+            "recipe.clip_local_weight": c.recipe.clip_local_weight,
             **{f"model.{k}": to_dict(getattr(c.model, k)) for k in ("vision", "vae")},
             # The decoder's weights, not how it is sampled.
             "model.decoder": {

@@ -96,14 +96,17 @@ class TaggedSiglip(nn.Module):
         width = clip.config.vision_config.hidden_size
         self.tags = nn.Linear(width, num_tags)
         self.patches = nn.Linear(width, num_grounded)
+        self.background = nn.Parameter(torch.zeros(width))  # the empty patches' feature (locality loss)
 
     def forward(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """→ logits per image (B, texts), tag logits (B, T), grounding logits per patch (B, g·g, G)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """→ logits per image (B, texts), tag logits (B, T), grounding logits per patch (B, g·g, G), and each
+        patch feature's offset from the learnt background feature (B, g·g, D)."""
         out = self.clip(input_ids=input_ids, pixel_values=pixel_values)
         vision = out.vision_model_output
-        return out.logits_per_image, self.tags(vision.pooler_output), self.patches(vision.last_hidden_state)
+        patches = vision.last_hidden_state
+        return out.logits_per_image, self.tags(vision.pooler_output), self.patches(patches), patches - self.background
 
 
 #: Grounding ids per patch: 0 is background, 1 + index in SHAPES (or in COLOR_NAMES) an object's class (colour).
@@ -130,7 +133,11 @@ class ClipTask(StageTask):
     - a grounding loss (weight ``ground_weight``): every patch predicts the class and the colour of the
       object whose box covers it, or background (:func:`grounding_targets`), so that every patch
       feature knows what covers it. It stands in for the LocCa grounded-captioning decoder (captions
-      with boxes) that SigLIP2, the real-scale target encoder, is trained with for dense features.
+      with boxes) that SigLIP2, the real-scale target encoder, is trained with for dense features;
+    - optionally a locality loss (weight ``local_weight``, :func:`locality_loss`): the patches that no
+      object touches should all carry one learnt feature. Attention otherwise spreads the scene into
+      every patch, so that a decoder reads objects from the background too and a generator has to
+      write the whole scene into every token.
 
     Random negatives in a small batch differ in colour almost always. With the contrastive loss alone,
     or with a bag-of-words loss over every caption token, a linear probe finds no more about which
@@ -142,6 +149,10 @@ class ClipTask(StageTask):
     tag_weight = 10.0
     ground_weight = 10.0
 
+    def __init__(self, *args: Any, local_weight: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.local_weight = local_weight
+
     def build_model(self) -> nn.Module:
         return TaggedSiglip(
             build_clip(self.cfg.vision, len(self.tokenizer)), len(SHAPES), NUM_CLASS_IDS + NUM_COLOUR_IDS
@@ -152,6 +163,11 @@ class ClipTask(StageTask):
         """Per-patch class and colour ids of every training image (:func:`grounding_targets`), built at
         the first batch."""
         return grounding_targets(self.data.meta, self.cfg.vision.grid)
+
+    @cached_property
+    def empty(self) -> torch.Tensor:
+        """Which patches of every training image no object touches (:func:`empty_patches`)."""
+        return empty_patches(self.data.meta, self.cfg.vision.grid)
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
@@ -171,10 +187,11 @@ class ClipTask(StageTask):
             "tags": tags,
             "classes": classes[idx],
             "colours": colours[idx],
+            "empty": self.empty[idx],
         }
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits, tag_logits, patch_logits = model(batch["input_ids"], batch["pixels"])  # (B, 2B), (B, T), (B, N, G)
+        logits, tag_logits, patch_logits, offsets = model(batch["input_ids"], batch["pixels"])
         b, k = logits.shape[0], NUM_CLASS_IDS
         contrastive = sigmoid_loss(logits)
         tags = F.binary_cross_entropy_with_logits(tag_logits, batch["tags"])
@@ -186,8 +203,11 @@ class ClipTask(StageTask):
         on_object = batch["classes"] > 0
         right = (patch_logits[..., :k].argmax(-1) == batch["classes"]) & on_object
         patch_acc = right.sum() / on_object.sum().clamp_min(1)
+        local = locality_loss(offsets, batch["empty"])
+        total = contrastive + self.tag_weight * tags + self.ground_weight * grounding
         return {
-            "loss": contrastive + self.tag_weight * tags + self.ground_weight * grounding,
+            "loss": total + self.local_weight * local if self.local_weight > 0 else total,
+            "local": local.detach(),
             "contrastive": contrastive.detach(),
             "tags": tags.detach(),
             "grounding": grounding.detach(),
@@ -202,6 +222,31 @@ def labelled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     labels = labels.flatten()
     total = F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum")
     return total / (labels != -100).sum().clamp_min(1)
+
+
+def locality_loss(offsets: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """Σ over empty patches of ‖feature − background‖², over Σ over all patches of ‖feature − mean feature‖²
+    ((B, N, D) offsets feature − background, (B, N) empty mask): the share of the map's variance that the
+    patches no object touches hold. Scale-free, so shrinking every feature does not lower it."""
+    spread = (offsets - offsets.mean((0, 1))).pow(2).sum()
+    return (offsets.pow(2).sum(-1) * empty).sum() / spread.clamp_min(1e-8)
+
+
+def empty_patches(metas: list[dict[str, Any]], grid: int) -> torch.Tensor:
+    """(B, g·g) bool: the patches of a ``grid``×``grid`` map (row-major) that no object box overlaps. Text
+    scenes have none."""
+    empty = torch.ones(len(metas), grid, grid, dtype=torch.bool)
+    edges = torch.arange(grid + 1) / grid
+    lo, hi = edges[:-1], edges[1:]
+    for i, meta in enumerate(metas):
+        if meta["kind"] != "scene":
+            empty[i] = False
+            continue
+        for obj in meta["objects"]:
+            x0, y0, x1, y1 = (v / meta["size"] for v in obj["box"])
+            rows, cols = (lo < y1) & (hi > y0), (lo < x1) & (hi > x0)
+            empty[i] &= ~(rows[:, None] & cols[None, :])
+    return empty.flatten(1)
 
 
 def grounding_targets(metas: list[dict[str, Any]], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
