@@ -206,7 +206,8 @@ class ClipTask(StageTask):
         local = locality_loss(offsets, batch["empty"])
         total = contrastive + self.tag_weight * tags + self.ground_weight * grounding
         return {
-            "loss": total + self.local_weight * local if self.local_weight > 0 else total,
+            # Also at weight 0, so that the background feature has a gradient and optimizer state to checkpoint.
+            "loss": total + self.local_weight * local,
             "local": local.detach(),
             "contrastive": contrastive.detach(),
             "tags": tags.detach(),
