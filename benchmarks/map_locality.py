@@ -17,17 +17,13 @@ from pathlib import Path
 
 import torch
 
-from blip3o.data.processing import to_images, to_pixels
+from blip3o.data.processing import to_images
 from blip3o.data.world_data import load_split
 from blip3o.eval.geneval import GenEvalScorer
 from blip3o.infer.pipeline import BLIP3oPipeline
-from blip3o.train.tasks import empty_patches
+from blip3o.train.tasks import empty_patches, encode_in_chunks
 
 from common import emit
-
-
-def encode(pipe: BLIP3oPipeline, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([pipe.encoders.clip(to_pixels(images[i : i + 256])) for i in range(0, len(images), 256)])
 
 
 @torch.no_grad()
@@ -41,7 +37,7 @@ def main() -> None:
     pipe = BLIP3oPipeline.from_run(args.run)
     train, heldout = load_split(args.run / "world", "train"), load_split(args.run / "world", "heldout")
     grid = pipe.cfg.vision.grid
-    x = encode(pipe, train.images[: args.train])  # (N, C, g, g) standardised
+    x = encode_in_chunks(train.images[: args.train], pipe.encoders.clip)  # (N, C, g, g) standardised
     empty = empty_patches(train.meta[: args.train], grid).view(-1, 1, grid, grid).float()
     mean_empty = (x * empty).sum(0) / empty.sum(0).clamp_min(1)
     share = ((x - x.mean(0)).pow(2) * empty).sum() / (x - x.mean(0)).pow(2).sum()
@@ -50,7 +46,7 @@ def main() -> None:
     emit("empty_patch_variance", spread.item(), "per channel (standardised map)")
 
     n = min(args.n, len(heldout.meta))
-    real = encode(pipe, heldout.images[:n])
+    real = encode_in_chunks(heldout.images[:n], pipe.encoders.clip)
     held_empty = empty_patches(heldout.meta[:n], grid).view(-1, 1, grid, grid).float()
     other = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
     maps = {

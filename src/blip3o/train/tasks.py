@@ -487,14 +487,12 @@ class GenerationTask(StageTask):
             sigma=sigma,
             keep=keep,
         )
-        prior_loss = None
-        if gen.prior:
-            pred, prior = pred
-            prior_loss = flow_loss(prior, x0)
+        pred, prior = pred if gen.prior else (pred, None)
         gen_loss = flow_loss(pred, target) if gen.objective == "flow" else flow_loss(pred, x0)
         out = {"gen": gen_loss.detach()}
         total = gen_loss
-        if prior_loss is not None:
+        if prior is not None:
+            prior_loss = flow_loss(prior, x0)
             total = total + gen.prior_weight * prior_loss
             out["prior"] = prior_loss.detach()
         if self.joint_weight > 0:
