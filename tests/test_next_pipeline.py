@@ -50,16 +50,33 @@ def test_rows_label_only_the_image_and_keep_the_reference_out_of_the_condition(r
     cond = condition_positions(rows["input_ids"], rows["attention_mask"], vocab)
     picked = [rows["input_ids"][r][cond[r]].tolist() for r in range(2)]
     assert picked == [[vocab.scale_ids[0], *(vocab.first_code_id + c for c in target[r].tolist())] for r in range(2)]
-    # The edit row reads the reference codes (no scale token) before the instruction.
+    # The edit row reads the reference codes (no scale token) after the instruction.
     edit = image_prompt(tok, vocab, "make the star blue", [7, 7, 8, 8])
     start = edit.index(vocab.im_start)
     assert edit[start : start + 6] == [vocab.im_start, *(vocab.first_code_id + c for c in (7, 7, 8, 8)), vocab.im_end]
+    assert "make the star blue" in tok.decode(edit[:start])
     assert edit[-2:] == [vocab.im_start, vocab.scale_ids[0]]
     # Text rows: the answer (and its end-of-turn) is all that is labelled.
     text = text_rows(tok, vocab, target, ["What color is the circle?"] * 2, ["red", "blue"])
     labelled = text["labels"][0][text["labels"][0] != IGNORE].tolist()
     assert tok.decode(labelled, skip_special_tokens=True).strip() == "red"
     assert vocab.first_code_id + 3 in text["input_ids"][0].tolist()
+
+
+def test_edit_rows_put_each_output_code_a_fixed_distance_after_its_reference_code(run):
+    """Copying an unchanged code is then one relative offset, whatever the instruction's length."""
+    tok, vocab = _vocab(run[0])
+    ref, target = [7, 8, 9, 10], torch.tensor([[11, 12, 13, 14]] * 2)
+    instructions = ["remove the star", "move the blue circle to the left of the yellow hexagon"]
+    rows = image_rows(tok, vocab, instructions, target, [ref, ref])
+    offsets = set()
+    for r in range(2):
+        ids = rows["input_ids"][r].tolist()
+        at_ref, at_out = ids.index(vocab.first_code_id + ref[0]), ids.index(vocab.first_code_id + 11)
+        offsets.add(at_out - at_ref)
+    assert len(offsets) == 1
+    lengths = {len(tok(t)["input_ids"]) for t in instructions}
+    assert len(lengths) == 2  # the instructions really differ in length
 
 
 def test_recipe_trains_the_tokenizer_and_keeps_sana_frozen_but_its_listed_parts(run):

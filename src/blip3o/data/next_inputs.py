@@ -6,7 +6,10 @@ no scale token, so :func:`blip3o.models.next.condition_positions` never mistakes
 
 - text-to-image: user "Generate an image: {prompt}" → assistant image (the prompt of BLIP3-o's
   :func:`blip3o.data.processing.generation_messages`, so both models read the same requests);
-- editing: user [reference image] "Edit the image: {instruction}" → assistant image;
+- editing: user "Edit the image: {instruction}" [reference image] → assistant image. The instruction comes
+  first so that the reference ends right before the written image: code i of the output then sits a fixed
+  number of positions after code i of the reference, whatever the instruction's length, and copying an
+  unchanged code is one attention head at a fixed relative (RoPE) offset;
 - understanding: user [image] question → assistant text answer.
 
 Prompt rows (for sampling) end with ``<im_start> <S0>``; training rows continue with the codes and
@@ -29,7 +32,8 @@ EDIT_INSTRUCTION = "Edit the image: "
 
 
 def edit_messages(instruction: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": EDIT_INSTRUCTION + instruction}]}]
+    """The user turn of an edit: the instruction, then the reference image (see the module docstring)."""
+    return [{"role": "user", "content": [{"type": "text", "text": EDIT_INSTRUCTION + instruction}, {"type": "image"}]}]
 
 
 def read_image(vocab: ImageVocab, codes: Sequence[int]) -> list[int]:
