@@ -304,3 +304,64 @@ def test_a_finished_stage_encodes_nothing_and_a_batch_serves_the_encoders_codes(
     with torch.no_grad():
         features = map_to_tokens(tok_task.enc.clip(to_pixels(tok_task.data.images[idx])))
     torch.testing.assert_close(tok_task.batch(1, 0, 0, 1)["features"], features)
+
+
+def test_kept_mask_marks_unchanged_codes_with_a_margin_on_the_latent_grid():
+    from blip3o.infer.next_pipeline import kept_mask
+
+    reference = torch.zeros(2, 16, dtype=torch.long)
+    codes = reference.clone()
+    codes[0, 0] = 5  # code (0, 0) of row 0 changed; row 1 copies every code
+    keep = kept_mask(codes, reference, latent_side=8)  # 4×4 codes, 2×2 latents each
+    expected = torch.ones(2, 1, 8, 8)
+    expected[0, 0, :4, :4] = 0  # codes (0..1, 0..1): the changed one and its margin
+    assert torch.equal(keep, expected)
+    with pytest.raises(ValueError, match="square code map"):
+        kept_mask(torch.zeros(1, 15, dtype=torch.long), torch.zeros(1, 15, dtype=torch.long), 8)
+
+
+def test_blend_velocity_lands_on_the_reference_where_kept_under_cfg():
+    from blip3o.diffusion.sampler import euler_sample
+    from blip3o.infer.next_pipeline import blend_velocity
+
+    g = torch.Generator().manual_seed(0)
+    reference, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    keep = torch.zeros(2, 1, 8, 8)
+    keep[:, :, 4:] = 1
+    weight = torch.randn(4, 4, generator=g)
+
+    def velocity(x, sigma, cond):  # any model: channels mixed, the map's mean (spatial context), the condition
+        return torch.einsum("oc,bchw->bohw", weight, x) + x.mean((2, 3), keepdim=True) + cond.view(-1, 1, 1, 1)
+
+    cond, null = torch.ones(2), torch.zeros(2)
+    blended = euler_sample(
+        blend_velocity(velocity, reference, keep), noise, cond, uncond=null, num_steps=7, guidance_scale=3.0
+    )
+    plain = euler_sample(velocity, noise, cond, uncond=null, num_steps=7, guidance_scale=3.0)
+    torch.testing.assert_close(blended[:, :, 4:], reference[:, :, 4:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain[:, :, 4:], reference[:, :, 4:], atol=0.1)
+    assert not torch.allclose(blended[:, :, :4], plain[:, :, :4])  # the redrawn part sees the kept context
+
+
+def test_edit_blend_keeps_the_reference_where_the_codes_are_copied(run, monkeypatch):
+    """When the written codes equal the reference's, a blended edit is the VAE's reconstruction of the reference."""
+    from blip3o.config.io import apply_overrides
+    from blip3o.data.processing import to_images, to_pixels
+    from blip3o.data.world_data import load_split
+
+    pipe = load_pipeline(run[0])
+    sample_tokens = pipe.sample_tokens
+
+    def copying(input_ids, attention_mask, seeds, cfg, references=None):
+        out = sample_tokens(input_ids, attention_mask, seeds, cfg, references)
+        out.tokens = torch.tensor(references) + pipe.model.vocab.first_code_id
+        return out
+
+    monkeypatch.setattr(pipe, "sample_tokens", copying)
+    source = to_images(to_pixels(load_split(run[0] / "world", "heldout").images[:1]))[0]
+    recon = to_images(pipe.encoders.decode(pipe.encoders.latents(to_pixels([source]))))[0]
+    plain = pipe.edit(source, "make the red circle blue", seed=0)[0]
+    pipe.apply_sampling(apply_overrides(resolve("tiny-next"), ["next.edit_blend=true"]))
+    blended = pipe.edit(source, "make the red circle blue", seed=0)[0]
+    np.testing.assert_allclose(np.asarray(blended, dtype=float), np.asarray(recon, dtype=float), atol=1)
+    assert np.abs(np.asarray(plain, dtype=float) - np.asarray(recon, dtype=float)).max() > 10

@@ -147,6 +147,11 @@ class NextConfig:
     edit_strength: float = 1.0
     """Editing: the noise level SANA starts from, the reference's latents noised to it (SDEdit, the
     "noise-space injection" of the official editing branch); 1 starts from pure noise."""
+    edit_blend: bool = False
+    """Editing: keep the reference's latents wherever the written codes equal the reference's codes (one
+    code of margin around every changed code), by following the reference's noise path there at every
+    SANA step (blended latent diffusion, Avrahami et al. 2023). Needs local codes
+    (``recipe.clip_local_weight``), where an edit changes only the codes of what it touches."""
     train_prompt_text: bool = False
     """Also take cross-entropy on the prompt text (system and user turns). Off by default: the prompt is
     always given at inference, so predicting it only spends capacity and gradient on text modelling that

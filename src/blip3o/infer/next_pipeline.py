@@ -5,17 +5,20 @@ image codes (:func:`blip3o.infer.ar_sampling.sample_image_tokens`: top-k/top-p/t
 CFG on logits, per-row seeds), which also returns the hidden states of ``<S0>`` and the codes → connector →
 SANA over VAE latents, Euler + CFG with the unconditional and conditional branches in one batch → VAE
 decode. Editing is the same with the reference image's codes in the prompt and its VAE latents as
-SANA's reference channels. Each image's token draws and noise come from its own seed, so a batch of
-prompts gives the same images as the prompts one at a time.
+SANA's reference channels; with ``next.edit_blend`` the latents under codes the model copied from the
+reference follow the reference's own noise path (:func:`blend_velocity`). Each image's token draws and
+noise come from its own seed, so a batch of prompts gives the same images as the prompts one at a time.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
@@ -37,6 +40,40 @@ NEXT_WEIGHTS = ("next", "instruct", "grpo")
 
 NOISE_OFFSET = 7919
 """Added to an image's seed for its SANA noise, so token draws and latent noise are independent streams."""
+
+BLEND_MARGIN = 1
+"""Codes around a changed code that SANA also redraws under ``next.edit_blend``, so that an object whose
+edge reaches a neighbouring patch is not cut at the code boundary."""
+
+
+def kept_mask(codes: torch.Tensor, reference: torch.Tensor, latent_side: int) -> torch.Tensor:
+    """(B, N) written and reference codes of an N = g×g map → (B, 1, s, s) float mask on the latent grid:
+    1 where the code, and every code within :data:`BLEND_MARGIN` of it, equals the reference's."""
+    b, n = codes.shape
+    g = math.isqrt(n)
+    if g * g != n or latent_side % g:
+        raise ValueError(
+            f"edit_blend needs a square code map dividing the latent side; got {n} codes, side {latent_side}"
+        )
+    changed = (codes != reference).float().view(b, 1, g, g)
+    k = 2 * BLEND_MARGIN + 1
+    changed = F.max_pool2d(changed, k, stride=1, padding=BLEND_MARGIN)
+    return 1.0 - F.interpolate(changed, scale_factor=latent_side // g, mode="nearest")
+
+
+def blend_velocity(velocity, reference: torch.Tensor, keep: torch.Tensor):
+    """Wrap a velocity function so that, where ``keep`` is 1, it returns (x − reference)/σ: the velocity of
+    the straight path from x to the reference. Started from noise ε (or a noised reference), an Euler step
+    with it lands exactly on (1 − σ')·reference + σ'·ε, so the sample ends equal to the reference there;
+    elsewhere the model's velocity draws the change, seeing the kept context at every step."""
+
+    def blended(x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        b = x.shape[0] // reference.shape[0]  # the CFG batch holds the rows twice
+        ref, k = reference.repeat(b, 1, 1, 1), keep.repeat(b, 1, 1, 1)
+        towards = (x - ref) / sigma.clamp_min(1e-6).view(-1, 1, 1, 1)
+        return k * towards + (1 - k) * velocity(x, sigma, cond)
+
+    return blended
 
 
 def last_stage(run: Path) -> str:
@@ -82,7 +119,16 @@ class NextPipeline:
         load_weights(model, require(run / stage / MODEL_FILE, stage))
         return cls(cfg, model, tokenizer, image_tokenizer, enc)
 
-    SAMPLING = ("temperature", "top_k", "top_p", "ar_guidance_scale", "steps", "guidance_scale", "edit_strength")
+    SAMPLING = (
+        "temperature",
+        "top_k",
+        "top_p",
+        "ar_guidance_scale",
+        "steps",
+        "guidance_scale",
+        "edit_strength",
+        "edit_blend",
+    )
     """The fields of :class:`~blip3o.config.next.NextConfig` that only sampling reads."""
 
     def apply_sampling(self, cfg: RunConfig) -> None:
@@ -178,7 +224,11 @@ class NextPipeline:
         refs = None if reference_codes is None else reference_codes.tolist()
         ids, mask = image_prompts(self.tokenizer, self.model.vocab, prompts, refs)
         sample = self.sample_tokens(ids, mask, seeds, cfg, refs)
-        return self.render(sample.hidden, seeds, cfg, reference_latents, progress)
+        keep = None
+        if reference_codes is not None and cfg.edit_blend:
+            written = sample.tokens - self.model.vocab.first_code_id
+            keep = kept_mask(written, reference_codes, cfg.latent_side)
+        return self.render(sample.hidden, seeds, cfg, reference_latents, progress, keep)
 
     def sample_tokens(
         self,
@@ -218,8 +268,10 @@ class NextPipeline:
         cfg: NextConfig,
         reference_latents: torch.Tensor | None = None,
         progress: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> list[Image.Image]:
-        """Images from the conditioning hidden states (B, 1 + N, H): connector → SANA (Euler + CFG) → VAE."""
+        """Images from the conditioning hidden states (B, 1 + N, H): connector → SANA (Euler + CFG) → VAE.
+        ``keep`` (B, 1, s, s): where the latents follow the reference's (:func:`blend_velocity`)."""
         cond = self.model.connector(hidden)  # (B, 1 + N, C)
         null = self.model.null_condition(len(seeds), cfg.image_tokens)
         ref = reference_latents if cfg.reference_latents else None
@@ -228,8 +280,11 @@ class NextPipeline:
         if reference_latents is not None and cfg.edit_strength < 1.0:  # SDEdit from the noised reference
             start = cfg.edit_strength
             noise = (1.0 - start) * reference_latents + start * noise
+        velocity = lambda x, sigma, c: self.model.velocity(x, sigma, c[0], reference=c[1])  # noqa: E731
+        if keep is not None:
+            velocity = blend_velocity(velocity, reference_latents, keep)
         latents = euler_sample(
-            lambda x, sigma, c: self.model.velocity(x, sigma, c[0], reference=c[1]),
+            velocity,
             noise,
             (cond, ref),
             uncond=(null, ref),
