@@ -5,21 +5,29 @@ image tokenizer (mini-CLIP map → SimVQ codes), and the fraction of positions w
 in both is averaged, overall and per edit kind. An edit touches one or two objects; with local codes
 most positions keep their code, and the backbone can copy them from the reference in its context.
 
-Run: ``.venv/bin/python benchmarks/code_locality.py RUN`` (a run with an ``image_tokenizer`` stage).
+``--written``: also let the run's trained model write each edit's codes greedily and report how often it
+copies the reference where the edit keeps the code (``copy``) and writes the target's code where the edit
+changes it (``change``).
+
+Run: ``.venv/bin/python benchmarks/code_locality.py RUN [--written]`` (a run with an ``image_tokenizer``
+stage; ``--written`` also needs a ``next`` or ``instruct`` stage).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from blip3o.config import RunConfig
 from blip3o.config.io import load_yaml
+from blip3o.data.next_inputs import image_prompts
 from blip3o.data.processing import to_pixels
 from blip3o.data.world_data import load_split
+from blip3o.infer.next_pipeline import NextPipeline
 from blip3o.infer.pipeline import MODEL_FILE, require
 from blip3o.models.build import load_weights
 from blip3o.train.next_tasks import build_image_tokenizer, image_codes
@@ -32,6 +40,8 @@ from common import emit
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
+    parser.add_argument("--written", action="store_true", help="also score the trained model's greedy codes")
+    parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
 
     cfg = load_yaml(require(args.run / "config.yaml", "any"), RunConfig)
@@ -50,6 +60,22 @@ def main() -> None:
     emit("codes_unchanged_by_edit", same.mean().item(), "fraction", triplets=len(same))
     for kind, values in sorted(by_kind.items()):
         emit("codes_unchanged_by_edit", sum(values) / len(values), "fraction", kind=kind, triplets=len(values))
+    if args.written:
+        pipe = NextPipeline.from_run(args.run)
+        greedy = replace(pipe.next, temperature=0.0)
+        instructions = [data.meta[scene]["edit"]["instruction"] for scene in data.edited]
+        written = []
+        for at in range(0, len(instructions), args.batch):
+            refs = sources[at : at + args.batch].tolist()
+            ids, mask = image_prompts(pipe.tokenizer, pipe.model.vocab, instructions[at : at + args.batch], refs)
+            sample = pipe.sample_tokens(ids, mask, list(range(len(refs))), greedy, refs)
+            written.append(sample.tokens - pipe.model.vocab.first_code_id)
+        written = torch.cat(written)
+        kept = sources == targets
+        copy = ((written == sources) & kept).sum() / kept.sum()
+        change = ((written == targets) & ~kept).sum() / (~kept).sum().clamp_min(1)
+        emit("written_codes_copy", copy.item(), "fraction of kept positions", triplets=len(written))
+        emit("written_codes_change", change.item(), "fraction of changed positions", triplets=len(written))
 
 
 if __name__ == "__main__":

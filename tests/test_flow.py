@@ -325,3 +325,43 @@ def test_euler_sample_from_a_partly_noised_sample_sdedit():
     assert len(seen) == 5 and abs(seen[0] - 0.6) < 1e-6 and seen == sorted(seen, reverse=True)
     with pytest.raises(ValueError, match=r"start must be in \(0, 1\]"):
         euler_sample(velocity, eps, x0, start=1.5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_stochastic_steps_keep_the_marginal_of_gaussian_data(eta):
+    """x0 ~ N(μ, s²): the exact velocity is (x − E[x0 | x_σ])/σ with E[x0 | x_σ] = μ + a·s²·(x − aμ)/(a²s² + σ²),
+    a = 1 − σ. Every η of the DDIM family then samples N(μ, s²) up to the steps' discretisation error."""
+    mu, s = 1.5, 0.4
+
+    def velocity(x, sigma, cond):
+        sig = sigma.view(-1, 1)
+        a = 1 - sig
+        x0 = mu + a * s**2 * (x - a * mu) / (a**2 * s**2 + sig**2)
+        return (x - x0) / sig
+
+    g = gen(21)
+    out = euler_sample(
+        velocity,
+        torch.randn(40000, 1, generator=g),
+        None,
+        num_steps=200,
+        eta=eta,
+        step_noise=lambda: torch.randn(40000, 1, generator=g),
+    )
+    assert abs(out.mean().item() - mu) < 0.01
+    assert abs(out.std().item() - s) < 0.01
+
+
+def test_stochastic_steps_differ_from_euler_and_need_noise():
+    velocity = TinyVelocity(seed=4)
+    noise = torch.randn(2, 2, 3, 4, generator=gen(22))
+    g = gen(23)
+    ode = euler_sample(velocity, noise, None, num_steps=6)
+    sde = euler_sample(
+        velocity, noise, None, num_steps=6, eta=0.5, step_noise=lambda: torch.randn(2, 2, 3, 4, generator=g)
+    )
+    assert not torch.allclose(ode, sde)
+    with pytest.raises(ValueError, match="needs step_noise"):
+        euler_sample(velocity, noise, None, eta=0.5)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        euler_sample(velocity, noise, None, eta=1.5, step_noise=lambda: noise)

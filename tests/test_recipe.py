@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -296,3 +297,18 @@ def test_clip_stage_adds_the_locality_loss_with_its_weight(tiny_run):
     torch.testing.assert_close(losses[2.0]["loss"], losses[0.0]["loss"] + 2.0 * losses[0.0]["local"])
     with pytest.raises(ConfigError, match=r"recipe\.clip_local_weight"):
         resolve("tiny-debug", ["recipe.clip_local_weight=-1"])
+
+
+def test_stochastic_head_sampling_gives_a_batch_what_its_prompts_get_alone(tiny_run):
+    from blip3o.config import RunConfig
+    from blip3o.config.io import apply_overrides, load_yaml
+
+    pipe = BLIP3oPipeline.from_run(tiny_run)
+    ode = pipe(["a photo of two stars"], seed=[5], num_inference_steps=4)[0]
+    pipe.apply_sampling(apply_overrides(load_yaml(tiny_run / "config.yaml", RunConfig), ["model.generation.eta=1"]))
+    prompts = ["a photo of two stars", "a photo of a red circle and a blue square"]
+    batch = pipe(prompts, seed=[5, 9], num_inference_steps=4)
+    alone = [pipe([p], seed=[s], num_inference_steps=4)[0] for p, s in zip(prompts, [5, 9], strict=True)]
+    for b, a in zip(batch, alone, strict=True):
+        np.testing.assert_allclose(np.asarray(b, dtype=float), np.asarray(a, dtype=float), atol=1)
+    assert not np.array_equal(np.asarray(batch[0]), np.asarray(ode))

@@ -151,9 +151,13 @@ class GenerationConfig:
     shift: float = 1.0
     steps: int = 30
     guidance_scale: float = 3.0
+    eta: float = 0.0
+    """Sampling stochasticity of the head (:func:`blip3o.diffusion.sampler.euler_sample`): 0 is the Euler
+    ODE sampler (official), 1 the ancestral one, each image's fresh noise drawn from its own seed."""
 
     def __post_init__(self) -> None:
         check_int("generation.num_queries", self.num_queries, ge=1)
+        check_float("generation.eta", self.eta, ge=0, le=1)
         check_float("generation.cond_dropout", self.cond_dropout, ge=0, le=1)
         check_float("generation.shift", self.shift, gt=0)
         check_int("generation.steps", self.steps, ge=1)

@@ -10,6 +10,13 @@ adapter whose network expects the 0–1000 scale multiplies by ``num_train_times
 
 With guidance, the unconditional and conditional branches run as ONE batched call of the velocity
 function, [uncond; cond] along dim 0, and combine as v = v_u + s·(v_c − v_u).
+
+``eta`` > 0 makes each step stochastic (DDIM's η, Song et al. 2021, on the straight path α = 1 − σ):
+from v the step takes x̂0 = x − σ·v and ε̂ = x + (1 − σ)·v, and goes from σ to σ' by
+x' = α'·x̂0 + √(σ'² − c²)·ε̂ + c·z, with fresh noise z and c = η·σ'·√(1 − (α·σ'/(α'·σ))²), the
+posterior std of x_σ' given x_σ and x0 times η. η = 0 is the Euler step exactly and η = 1 the ancestral
+(DDPM) step; as steps shrink every η samples the path's marginals, and the fresh noise lets later steps
+correct what an imperfect model got wrong earlier (Karras et al. 2022, §4).
 """
 
 from __future__ import annotations
@@ -102,6 +109,8 @@ def euler_sample(
     guidance_scale: float = 1.0,
     shift: float = 1.0,
     start: float = 1.0,
+    eta: float = 0.0,
+    step_noise: Callable[[], Tensor] | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Integrate the flow ODE from ``noise`` (σ = 1) to a sample (σ = 0) with Euler steps.
@@ -128,6 +137,9 @@ def euler_sample(
         start: the noise level of ``noise``, in (0, 1]: with ``start`` < 1 it is a partly noised sample
             x = (1 − start)·x₀ + start·ε (SDEdit: editing from a noised reference) and the schedule is
             scaled to run from ``start`` to 0 in ``num_steps`` steps.
+        eta: stochasticity in [0, 1] (module docstring); 0 is the deterministic Euler sampler.
+        step_noise: with ``eta`` > 0, returns a fresh standard-normal tensor shaped like ``noise`` per call
+            (one per step); callers that need a batch to equal its rows one at a time draw it per row.
         progress: show a tqdm bar over steps.
 
     Returns:
@@ -142,6 +154,10 @@ def euler_sample(
     b = noise.shape[0]
     if not 0.0 < start <= 1.0:
         raise ValueError(f"start must be in (0, 1], got {start}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    if eta > 0 and step_noise is None:
+        raise ValueError("eta > 0 needs step_noise, a function returning fresh noise shaped like `noise`")
     sigmas = sigma_schedule(num_steps, shift=shift, device=noise.device)  # (N + 1,)
     if start < 1.0:
         sigmas = sigmas * start
@@ -158,5 +174,13 @@ def euler_sample(
             raise ValueError(f"velocity returned shape {tuple(v.shape)}, expected {tuple(x_in.shape)}")
         if use_cfg:
             v = cfg_combine(v[:b], v[b:], guidance_scale)
-        x = x + (sigma_next - sigma) * v.to(state_dtype)
+        v = v.to(state_dtype)
+        if eta == 0 or i == num_steps - 1:  # the last step lands on x̂0 either way
+            x = x + (sigma_next - sigma) * v
+        else:
+            x0, eps = x - sigma * v, x + (1 - sigma) * v
+            ratio = (1 - sigma) * sigma_next / ((1 - sigma_next) * sigma)
+            c = eta * sigma_next * (1 - ratio.square()).clamp_min(0).sqrt()
+            z = step_noise().to(state_dtype)
+            x = (1 - sigma_next) * x0 + (sigma_next.square() - c.square()).sqrt() * eps + c * z
     return x.to(noise.dtype)

@@ -40,11 +40,22 @@ def require(path: Path, stage: str) -> Path:
     return path
 
 
+STEP_NOISE_OFFSET = 104729
+"""Added to an image's seed for the fresh noise of a stochastic sampler's steps."""
+
+
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """One standard-normal tensor of ``shape`` per seed, stacked: (len(seeds), *shape)."""
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]).to(
         device
     )
+
+
+def noise_stream(shape: Sequence[int], seeds: Sequence[int]):
+    """A function returning fresh noise (len(seeds), *shape) per call, each row from its own generator
+    (seeded ``seed +`` :data:`STEP_NOISE_OFFSET`), so a batch draws what its rows draw alone."""
+    gens = [torch.Generator().manual_seed(s + STEP_NOISE_OFFSET) for s in seeds]
+    return lambda: torch.stack([torch.randn(tuple(shape), generator=g) for g in gens])
 
 
 def load_encoders(run: Path, cfg: ModelConfig, text_vocab_size: int) -> Encoders:
@@ -124,7 +135,7 @@ class BLIP3oPipeline:
         gen, dec = cfg.model.generation, cfg.model.decoder
         self.cfg = replace(
             self.cfg,
-            generation=replace(self.cfg.generation, steps=gen.steps, guidance_scale=gen.guidance_scale),
+            generation=replace(self.cfg.generation, steps=gen.steps, guidance_scale=gen.guidance_scale, eta=gen.eta),
             decoder=replace(self.cfg.decoder, steps=dec.steps, guidance_scale=dec.guidance_scale),
         )
 
@@ -163,6 +174,8 @@ class BLIP3oPipeline:
                 num_steps=num_inference_steps or gen.steps,
                 guidance_scale=gen.guidance_scale if guidance_scale is None else guidance_scale,
                 shift=gen.shift,
+                eta=gen.eta,
+                step_noise=noise_stream(self.cfg.target_shape, all_seeds) if gen.eta > 0 else None,
                 progress=progress,
             )
         if gen.target == "latent":
