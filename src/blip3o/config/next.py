@@ -152,6 +152,9 @@ class NextConfig:
     code of margin around every changed code), by following the reference's noise path there at every
     SANA step (blended latent diffusion, Avrahami et al. 2023). Needs local codes
     (``recipe.clip_local_weight``), where an edit changes only the codes of what it touches."""
+    edit_blend_margin: int = 1
+    """``edit_blend``: codes around each changed code that SANA redraws too, so that an object whose edge
+    reaches a neighbouring patch is not cut at the code boundary."""
     train_prompt_text: bool = False
     """Also take cross-entropy on the prompt text (system and user turns). Off by default: the prompt is
     always given at inference, so predicting it only spends capacity and gradient on text modelling that
@@ -185,6 +188,7 @@ class NextConfig:
         check_int("next.steps", self.steps, ge=1)
         check_float("next.guidance_scale", self.guidance_scale, ge=0)
         check_float("next.edit_strength", self.edit_strength, gt=0, le=1)
+        check_int("next.edit_blend_margin", self.edit_blend_margin, ge=0)
         check_int("next.code_dim", self.code_dim, ge=1)
         self.pool_factors = tuple(self.pool_factors)
         if len(self.pool_factors) != self.num_scales:

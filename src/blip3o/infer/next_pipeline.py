@@ -41,14 +41,10 @@ NEXT_WEIGHTS = ("next", "instruct", "grpo")
 NOISE_OFFSET = 7919
 """Added to an image's seed for its SANA noise, so token draws and latent noise are independent streams."""
 
-BLEND_MARGIN = 1
-"""Codes around a changed code that SANA also redraws under ``next.edit_blend``, so that an object whose
-edge reaches a neighbouring patch is not cut at the code boundary."""
 
-
-def kept_mask(codes: torch.Tensor, reference: torch.Tensor, latent_side: int) -> torch.Tensor:
+def kept_mask(codes: torch.Tensor, reference: torch.Tensor, latent_side: int, margin: int = 1) -> torch.Tensor:
     """(B, N) written and reference codes of an N = g×g map → (B, 1, s, s) float mask on the latent grid:
-    1 where the code, and every code within :data:`BLEND_MARGIN` of it, equals the reference's."""
+    1 where the code, and every code within ``margin`` codes of it, equals the reference's."""
     b, n = codes.shape
     g = math.isqrt(n)
     if g * g != n or latent_side % g:
@@ -56,8 +52,7 @@ def kept_mask(codes: torch.Tensor, reference: torch.Tensor, latent_side: int) ->
             f"edit_blend needs a square code map dividing the latent side; got {n} codes, side {latent_side}"
         )
     changed = (codes != reference).float().view(b, 1, g, g)
-    k = 2 * BLEND_MARGIN + 1
-    changed = F.max_pool2d(changed, k, stride=1, padding=BLEND_MARGIN)
+    changed = F.max_pool2d(changed, 2 * margin + 1, stride=1, padding=margin)
     return 1.0 - F.interpolate(changed, scale_factor=latent_side // g, mode="nearest")
 
 
@@ -128,6 +123,7 @@ class NextPipeline:
         "guidance_scale",
         "edit_strength",
         "edit_blend",
+        "edit_blend_margin",
     )
     """The fields of :class:`~blip3o.config.next.NextConfig` that only sampling reads."""
 
@@ -227,7 +223,7 @@ class NextPipeline:
         keep = None
         if reference_codes is not None and cfg.edit_blend:
             written = sample.tokens - self.model.vocab.first_code_id
-            keep = kept_mask(written, reference_codes, cfg.latent_side)
+            keep = kept_mask(written, reference_codes, cfg.latent_side, cfg.edit_blend_margin)
         return self.render(sample.hidden, seeds, cfg, reference_latents, progress, keep)
 
     def sample_tokens(
