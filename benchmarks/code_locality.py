@@ -69,7 +69,7 @@ def main() -> None:
             refs = sources[at : at + args.batch].tolist()
             ids, mask = image_prompts(pipe.tokenizer, pipe.model.vocab, instructions[at : at + args.batch], refs)
             sample = pipe.sample_tokens(ids, mask, list(range(len(refs))), greedy, refs)
-            written.append(sample.tokens - pipe.model.vocab.first_code_id)
+            written.append(pipe.model.vocab.ids_to_codes(sample.tokens))
         written = torch.cat(written)
         kept = sources == targets
         copy = ((written == sources) & kept).sum() / kept.sum()

@@ -222,7 +222,7 @@ class NextPipeline:
         sample = self.sample_tokens(ids, mask, seeds, cfg, refs)
         keep = None
         if reference_codes is not None and cfg.edit_blend:
-            written = sample.tokens - self.model.vocab.first_code_id
+            written = self.model.vocab.ids_to_codes(sample.tokens)
             keep = kept_mask(written, reference_codes, cfg.latent_side, cfg.edit_blend_margin)
         return self.render(sample.hidden, seeds, cfg, reference_latents, progress, keep)
 
