@@ -29,7 +29,7 @@ from blip3o.data.processing import to_images, to_pixels
 from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
 from blip3o.diffusion.sampler import euler_sample
 from blip3o.infer.ar_sampling import ARSample, sample_image_tokens
-from blip3o.infer.pipeline import MODEL_FILE, expand_requests, load_encoders, require, seeded_noise
+from blip3o.infer.pipeline import MODEL_FILE, NOISE_OFFSET, expand_requests, load_encoders, require, seeded_noise
 from blip3o.models.build import Encoders, load_weights
 from blip3o.models.image_tokenizer import ImageTokenizer
 from blip3o.models.next import BLIP3oNext, add_image_vocabulary
@@ -37,9 +37,6 @@ from blip3o.train.next_tasks import build_image_tokenizer, image_codes
 
 NEXT_WEIGHTS = ("next", "instruct", "grpo")
 """The stages whose weights are a whole BLIP3o-NEXT model, in training order."""
-
-NOISE_OFFSET = 7919
-"""Added to an image's seed for its SANA noise, so token draws and latent noise are independent streams."""
 
 
 def kept_mask(codes: torch.Tensor, reference: torch.Tensor, latent_side: int, margin: int = 1) -> torch.Tensor:

@@ -40,22 +40,24 @@ def require(path: Path, stage: str) -> Path:
     return path
 
 
+NOISE_OFFSET = 7919
+"""Added to an image's seed for the noise of its second diffusion (the pixel decoder, BLIP3o-NEXT's SANA), so
+that it is independent of the first's."""
+
 STEP_NOISE_OFFSET = 104729
 """Added to an image's seed for the fresh noise of a stochastic sampler's steps."""
 
 
+def noise_stream(shape: Sequence[int], seeds: Sequence[int]):
+    """A function returning fresh standard-normal noise (len(seeds), *shape) per call, each row drawn in turn
+    from its own generator seeded with its seed, so a batch draws what its rows draw alone."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return lambda: torch.stack([torch.randn(tuple(shape), generator=g) for g in gens])
+
+
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """One standard-normal tensor of ``shape`` per seed, stacked: (len(seeds), *shape)."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]).to(
-        device
-    )
-
-
-def noise_stream(shape: Sequence[int], seeds: Sequence[int]):
-    """A function returning fresh noise (len(seeds), *shape) per call, each row from its own generator
-    (seeded ``seed +`` :data:`STEP_NOISE_OFFSET`), so a batch draws what its rows draw alone."""
-    gens = [torch.Generator().manual_seed(s + STEP_NOISE_OFFSET) for s in seeds]
-    return lambda: torch.stack([torch.randn(tuple(shape), generator=g) for g in gens])
+    return noise_stream(shape, seeds)().to(device)
 
 
 def load_encoders(run: Path, cfg: ModelConfig, text_vocab_size: int) -> Encoders:
@@ -175,7 +177,9 @@ class BLIP3oPipeline:
                 guidance_scale=gen.guidance_scale if guidance_scale is None else guidance_scale,
                 shift=gen.shift,
                 eta=gen.eta,
-                step_noise=noise_stream(self.cfg.target_shape, all_seeds) if gen.eta > 0 else None,
+                step_noise=noise_stream(self.cfg.target_shape, [s + STEP_NOISE_OFFSET for s in all_seeds])
+                if gen.eta > 0
+                else None,
                 progress=progress,
             )
         if gen.target == "latent":
@@ -198,7 +202,7 @@ class BLIP3oPipeline:
             )
         dec = self.cfg.decoder
         tokens = map_to_tokens(features)
-        noise = seeded_noise(self.cfg.latent_shape, [s + 7919 for s in seeds])
+        noise = seeded_noise(self.cfg.latent_shape, [s + NOISE_OFFSET for s in seeds])
         latents = euler_sample(
             self.decoder,
             noise,
