@@ -115,7 +115,7 @@ def test_understanding_rows_never_pair_a_question_with_the_answer_that_leaks_it(
 
     qa = [
         {"type": "color", "question": "What colour is the circle?", "answer": "circle red"},
-        {"type": "yesno", "question": "Is the circle blue?", "answer": "blue circle no"},
+        {"type": "yesno", "question": "Is the circle blue?", "answer": "circle red blue no"},
         {"type": "existence", "question": "Is there a star in the image?", "answer": "star no"},
     ]
     n = 200
@@ -128,8 +128,8 @@ def test_understanding_rows_never_pair_a_question_with_the_answer_that_leaks_it(
     assert 0.65 < len(conversations) / n < 0.85  # a quarter of the rows are captions
     for answers in conversations:
         assert len(answers) == 2 and "star no" in answers
-        assert ("circle red" in answers) != ("blue circle no" in answers)
-    assert {answers[0] for answers in conversations} == {"star no", "circle red", "blue circle no"}
+        assert ("circle red" in answers) != ("circle red blue no" in answers)
+    assert {answers[0] for answers in conversations} == {"star no", "circle red", "circle red blue no"}
     one = understanding_batch(data, tokenizer, list(range(n)), "s", 4, qa_turns=1)
     assert all(tokenizer.decode(r[r >= 0].tolist()).count("<|im_end|>") == 1 for r in one["labels"])
 

@@ -141,11 +141,10 @@ def test_questions_are_answered_by_the_scene():
             assert q["answer"] == "circle left of star yes"
         if question.startswith("Is the circle right of"):
             assert q["answer"] == "circle right of star no"
-        if q["type"] == "yesno":  # the asked colour first, then the shape
+        if q["type"] == "yesno":  # the shape, its true colour, the asked colour, then whether they agree
             shape, asked = question.removeprefix("Is the ").rstrip("?").split()
-            assert q["answer"] == f"{asked} {shape} " + (
-                "yes" if asked == {"circle": "red", "star": "blue"}[shape] else "no"
-            )
+            true = {"circle": "red", "star": "blue"}[shape]
+            assert q["answer"] == f"{shape} {true} {asked} " + ("yes" if asked == true else "no")
         if question.startswith("Is there a "):
             shape = question.removeprefix("Is there a ").split()[0]
             assert q["answer"] == f"{shape} " + ("yes" if shape in ("circle", "star") else "no")

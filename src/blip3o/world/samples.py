@@ -108,12 +108,21 @@ def questions(objects: Sequence[Obj], rng: random.Random) -> list[dict[str, str]
     """Unambiguous question/answer pairs of five types: existence, count, color, yesno, position.
 
     An answer first restates what the question is about, then gives the verdict with nothing in
-    between (``square yes``, ``circles two``, ``circle red``, ``blue circle no``, ``star left of circle no``): the token
-    that predicts the verdict is then the asked word itself, so deciding needs one look from that word
-    at the image. With a bare ``yes`` the answer position must first fetch the asked word from the
-    question and then match it against the image, two steps that a backbone trained from scratch does
-    not learn together (binary answers stay at chance); ``square: yes`` fails the same way, the colon
-    standing between the word and the verdict. ``verdict`` holds the bare answer.
+    between (``square yes``, ``circles two``, ``circle red``): the token that predicts the verdict is
+    then the asked word itself, so deciding needs one look from that word at the image. With a bare
+    ``yes`` the answer position must first fetch the asked word from the question and then match it
+    against the image, two steps that a backbone trained from scratch does not learn together (binary
+    answers stay at chance); ``square: yes`` fails the same way, the colon standing between the word
+    and the verdict.
+
+    A yes/no answer states the object's true colour, then the asked one, then whether they agree:
+    "Is the circle blue?" → ``circle red blue no``. Seeing (``circle red`` is what "What colour is the
+    circle?" is answered with) and comparing become separate predictions, and the comparison is of the
+    two tokens right before the verdict. With the asked colour alone restated (``blue circle no``) the
+    verdict had to look up the colour and compare at once, and stayed at chance. A position answer
+    restates the asked relation (``star left of circle no``): stating the true one instead (``star
+    right of circle no``) left its verdict two tokens after the word it compares, and answers fell
+    below chance. ``verdict`` holds the bare answer.
     """
     qa: list[dict[str, str]] = []
 
@@ -135,8 +144,7 @@ def questions(objects: Sequence[Obj], rng: random.Random) -> list[dict[str, str]
         o = rng.choice(single)
         ask("color", f"What colour is the {o.shape}?", o.shape, o.color)
         asked = o.color if rng.random() < 0.5 else rng.choice([c for c in COLOR_NAMES if c != o.color])
-        # Asked colour first: "circle red" already answers "What colour is the circle?" with its true colour.
-        ask("yesno", f"Is the {o.shape} {asked}?", f"{asked} {o.shape}", "yes" if asked == o.color else "no")
+        ask("yesno", f"Is the {o.shape} {asked}?", f"{o.shape} {o.color} {asked}", "yes" if asked == o.color else "no")
     if len(single) >= 2:
         a, b = rng.sample(single, 2)
         holds = [r for r in RELATIONS if relation_holds(a, b, r, slack=0.6)]
