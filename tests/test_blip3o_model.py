@@ -90,6 +90,30 @@ def test_image_placeholders_take_the_projected_features(tokenizer):
     assert tokenizer.decode(labelled) == "red<|im_end|>"
 
 
+def test_image_positions_add_a_trained_place_embedding_to_every_image_token(tokenizer):
+    """With ``image_positions`` the projector's tokens are the plain ones plus ViT's 2-D sin-cos table at
+    first (one distinct row per patch), and the table trains."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    vision = build_clip(cfg.vision, len(tokenizer)).vision_model
+    plain = build_blip3o(cfg, tokenizer, vision)
+    placed = build_blip3o(replace(cfg, backbone=replace(cfg.backbone, image_positions=True)), tokenizer, vision)
+    assert plain.projector.positions is None
+    placed.projector.net.load_state_dict(plain.projector.net.state_dict())
+    pixels = torch.zeros(1, 3, 64, 64)
+    flat = plain.image_features(pixels)[0]
+    table = get_2d_sincos_pos_embed(cfg.backbone.hidden_size, cfg.vision.grid, output_type="pt").float()
+    assert torch.cdist(table, table).add(torch.eye(len(table))).min() > 0.5
+    torch.testing.assert_close(placed.image_features(pixels)[0], flat + table)
+    batch = understanding_inputs(tokenizer, ["What colour is the circle?"], ["red"], cfg.vision.grid**2)
+    logits = placed.logits(batch["input_ids"], batch["attention_mask"], pixels)
+    causal_lm_loss(logits, batch["labels"]).backward()
+    grad = placed.projector.positions.grad
+    assert grad is not None and bool((grad.abs().sum(1) > 0).all())  # every patch's place is trained
+
+
 def test_multi_turn_rows_train_every_answer_once(tokenizer):
     """A conversation about one image: the image opens the first turn only, and the labels are exactly
     the answers, each with its <|im_end|>."""

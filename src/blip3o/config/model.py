@@ -38,6 +38,9 @@ class BackboneConfig:
     intermediate_size: int = 192
     max_positions: int = 256
     rope_theta: float = 10000.0
+    image_positions: bool = False
+    """Add an embedding of each patch's place to the projected image tokens
+    (:class:`blip3o.models.parts.Projector`): where an object is, for captions and position questions."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):

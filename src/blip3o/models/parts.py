@@ -11,6 +11,7 @@ import math
 
 import torch
 from diffusers import AutoencoderKL, LuminaNextDiT2DModel, SanaTransformer2DModel
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SiglipConfig, SiglipModel
 
@@ -135,11 +136,23 @@ def build_sana(
 
 
 class Projector(nn.Module):
-    """The understanding projector: vision width → backbone width (Linear → GELU → Linear), as in LLaVA."""
+    """The understanding projector: vision width → backbone width (Linear → GELU → Linear), as in LLaVA.
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    ``grid``: also add an embedding of each patch's place on the ``grid``×``grid`` patch grid to the
+    projected tokens, learned from ViT's 2-D sin-cos table. The backbone's 1-D RoPE moves attention
+    scores, not the values an answer reads, so without it a token that finds an object learns what it
+    is but hardly where; Qwen2.5-VL gives its image tokens 2-D M-RoPE positions for the same reason.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, grid: int | None = None) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.positions = None
+        if grid is not None:
+            table = get_2d_sincos_pos_embed(out_dim, grid, output_type="pt").float()
+            self.positions = nn.Parameter(table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        """(B, P, in_dim) patch features → (B, P, out_dim) backbone tokens."""
+        out = self.net(x)
+        return out if self.positions is None else out + self.positions.to(out.dtype)
