@@ -312,14 +312,14 @@ def test_kept_mask_marks_unchanged_codes_with_a_margin_on_the_latent_grid():
     reference = torch.zeros(2, 16, dtype=torch.long)
     codes = reference.clone()
     codes[0, 0] = 5  # code (0, 0) of row 0 changed; row 1 copies every code
-    keep = kept_mask(codes, reference, latent_side=8)  # 4×4 codes, 2×2 latents each
+    keep = kept_mask(codes, reference, latent_side=8, margin=1)  # 4×4 codes, 2×2 latents each
     expected = torch.ones(2, 1, 8, 8)
     expected[0, 0, :4, :4] = 0  # codes (0..1, 0..1): the changed one and its margin
     assert torch.equal(keep, expected)
     expected[0, 0, :4, :4], expected[0, 0, :2, :2] = 1, 0  # no margin: the changed code alone
     assert torch.equal(kept_mask(codes, reference, latent_side=8, margin=0), expected)
     with pytest.raises(ValueError, match="square code map"):
-        kept_mask(torch.zeros(1, 15, dtype=torch.long), torch.zeros(1, 15, dtype=torch.long), 8)
+        kept_mask(torch.zeros(1, 15, dtype=torch.long), torch.zeros(1, 15, dtype=torch.long), 8, margin=1)
 
 
 def test_blend_velocity_lands_on_the_reference_where_kept_under_cfg():

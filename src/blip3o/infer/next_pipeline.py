@@ -39,7 +39,7 @@ NEXT_WEIGHTS = ("next", "instruct", "grpo")
 """The stages whose weights are a whole BLIP3o-NEXT model, in training order."""
 
 
-def kept_mask(codes: torch.Tensor, reference: torch.Tensor, latent_side: int, margin: int = 1) -> torch.Tensor:
+def kept_mask(codes: torch.Tensor, reference: torch.Tensor, latent_side: int, margin: int) -> torch.Tensor:
     """(B, N) written and reference codes of an N = g×g map → (B, 1, s, s) float mask on the latent grid:
     1 where the code, and every code within ``margin`` codes of it, equals the reference's."""
     b, n = codes.shape
