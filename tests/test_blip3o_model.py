@@ -274,6 +274,41 @@ def test_locality_loss_is_the_share_of_map_variance_in_empty_patches():
     assert locality_loss(feats - background, torch.zeros_like(empty)) == 0
 
 
+def test_shift_pixels_moves_each_image_by_its_own_offset_with_replicated_edges():
+    """Every output image is the edge-replicated image cropped at some (dy, dx) within the allowed shift,
+    found by hand; different images get different offsets; a shift of 0 is the identity."""
+    import torch.nn.functional as F
+
+    from blip3o.train.tasks import shift_pixels
+
+    torch.manual_seed(0)
+    pixels = torch.randn(6, 3, 8, 8)
+    moved = shift_pixels(pixels, 2, torch.Generator().manual_seed(0))
+    padded = F.pad(pixels, (2, 2, 2, 2), mode="replicate")
+    offsets = []
+    for b in range(6):
+        crops = {(dy, dx): padded[b, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)}
+        found = [offset for offset, crop in crops.items() if torch.equal(moved[b], crop)]
+        assert len(found) == 1
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1
+    assert torch.equal(shift_pixels(pixels, 0, torch.Generator().manual_seed(0)), pixels)
+
+
+def test_shift_loss_is_the_share_of_map_variance_a_move_changes():
+    """Σ ‖patch − moved patch‖² over the map's total variance, by hand; 0 for an unmoved map; unchanged when
+    both maps are scaled or offset by one vector."""
+    from blip3o.train.tasks import shift_loss
+
+    torch.manual_seed(0)
+    feats, moved = torch.randn(2, 9, 5), torch.randn(2, 9, 5)
+    by_hand = ((feats - moved) ** 2).sum() / ((feats - feats.reshape(-1, 5).mean(0)) ** 2).sum()
+    torch.testing.assert_close(shift_loss(feats, moved), by_hand)
+    assert shift_loss(feats, feats) == 0
+    shift = torch.randn(5)
+    torch.testing.assert_close(shift_loss(3 * feats + shift, 3 * moved + shift), by_hand)
+
+
 def test_grounding_head_reads_every_patch_and_its_targets_are_the_boxes_covering_each_patch(tokenizer):
     """The grounding logits of patch i are the linear head on patch i's feature; the targets give each patch
     the class and colour of the box covering its centre (0 = background), and ignore text scenes."""
@@ -286,10 +321,15 @@ def test_grounding_head_reads_every_patch_and_its_targets_are_the_boxes_covering
     pixels = torch.randn(2, 3, 48, 48)
     ids = tokenizer(TEXTS[:2], padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        _, _, logits, offsets = model(ids, pixels)
+        _, _, logits, offsets, moved = model(ids, pixels)
         patches = model.clip.vision_model(pixel_values=pixels).last_hidden_state  # (2, 36, D): a 6×6 grid
+        other = pixels.flip(-1)
+        *_, moved_other = model(ids, pixels, other)
+        expected_other = model.clip.vision_model(pixel_values=other).last_hidden_state - model.background
+    assert moved is None
     torch.testing.assert_close(logits, model.patches(patches))
     torch.testing.assert_close(offsets, patches - model.background)
+    torch.testing.assert_close(moved_other, expected_other)
 
     star = {"class": "star", "color": "red", "box": [0.0, 0.0, 18.0, 18.0]}  # patch centres 4 and 12 px
     circle = {"class": "circle", "color": "blue", "box": [34.0, 40.0, 50.0, 60.0]}  # columns 4-5, rows 5-7

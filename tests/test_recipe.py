@@ -274,6 +274,38 @@ def test_decoder_noise_augmentation_perturbs_each_training_map_by_at_most_its_le
         resolve("tiny-debug", ["model.decoder.noise_augment=-1"])
 
 
+def test_clip_stage_adds_the_shift_loss_with_its_weight(tiny_run):
+    """``recipe.clip_shift_weight`` > 0 gives each clip batch a moved copy of its images (less than half a
+    patch) and adds that multiple of the shift loss, recomputed from the tower's features of both; at 0
+    neither the copy nor the loss is made."""
+    from blip3o.config.checks import ConfigError
+    from blip3o.train.recipe import make_task
+    from blip3o.train.tasks import shift_loss
+
+    plain = make_task("clip", resolve("tiny-debug", ["recipe.clip_shift_weight=0"]), tiny_run)
+    torch.manual_seed(0)
+    model, batch = plain.build_model(), plain.batch(1, 0, 0, 1)
+    assert batch["shifted"] is None
+    base = plain.loss(model, batch)
+    assert "shift" not in base
+
+    task = make_task("clip", resolve("tiny-debug", ["recipe.clip_shift_weight=2"]), tiny_run)
+    shifted = task.batch(1, 0, 0, 1)
+    assert torch.equal(shifted["pixels"], batch["pixels"]) and shifted["shifted"].shape == batch["pixels"].shape
+    assert not torch.equal(shifted["shifted"], batch["pixels"])
+    torch.testing.assert_close(shifted["shifted"], task.batch(1, 0, 0, 1)["shifted"])  # seeded by the step
+    losses = task.loss(model, shifted)
+    with torch.no_grad():
+        vision = model.clip.vision_model
+        a = vision(pixel_values=shifted["pixels"]).last_hidden_state
+        expected = shift_loss(a, vision(pixel_values=shifted["shifted"]).last_hidden_state)
+    torch.testing.assert_close(losses["shift"], expected)
+    assert float(expected) > 0
+    torch.testing.assert_close(losses["loss"], base["loss"] + 2.0 * expected)
+    with pytest.raises(ConfigError, match=r"recipe\.clip_shift_weight"):
+        resolve("tiny-debug", ["recipe.clip_shift_weight=-1"])
+
+
 def test_clip_stage_adds_the_locality_loss_with_its_weight(tiny_run):
     """``recipe.clip_local_weight`` adds that multiple of the locality loss (recomputed from the model's
     patch features and the batch's empty patches) to the clip stage's loss; at 0 it is logged only."""

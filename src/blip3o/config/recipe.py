@@ -77,6 +77,9 @@ class RecipeConfig:
     clip_local_weight: float = 0.0
     """Mini-CLIP: weight of the locality loss (:class:`blip3o.train.tasks.ClipTask`), the share of the map's
     variance that sits in patches no object touches. 0 leaves the empty patches free to carry the scene."""
+    clip_shift_weight: float = 0.0
+    """Mini-CLIP: weight of the shift loss (:func:`blip3o.train.tasks.shift_loss`), the share of the map's
+    variance that moving the scene by less than half a patch changes. 0 lets the map keep sub-patch detail."""
     qa_turns: int = 6
     """Understanding: question/answer turns per conversation about one image (LLaVA-style multi-turn
     rows; a world scene has up to 6 questions). 1 trains one question per row."""
@@ -95,6 +98,7 @@ class RecipeConfig:
         check_int("recipe.instruct_per_tag", self.instruct_per_tag, ge=1)
         check_int("recipe.qa_turns", self.qa_turns, ge=1)
         check_float("recipe.clip_local_weight", self.clip_local_weight, ge=0)
+        check_float("recipe.clip_shift_weight", self.clip_shift_weight, ge=0)
 
     def stage(self, name: str) -> TrainConfig:
         return getattr(self, name)

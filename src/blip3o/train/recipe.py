@@ -90,7 +90,9 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
     common = (cfg.model, out / "world", out / "tokenizer", tcfg.batch_size, tcfg.seed)
     kwargs = {"grad_accum": tcfg.grad_accum}
     if stage == "clip":
-        return ClipTask(*common, **kwargs, local_weight=cfg.recipe.clip_local_weight)
+        return ClipTask(
+            *common, **kwargs, local_weight=cfg.recipe.clip_local_weight, shift_weight=cfg.recipe.clip_shift_weight
+        )
     if stage == "vae":
         return VAETask(*common, **kwargs)
     kwargs["encoders"] = encoders(cfg, out)
@@ -149,6 +151,7 @@ def link_shared(cfg: RunConfig, out: Path, source: Path) -> list[str]:
             "world": to_dict(c.world),
             "recipe.vocab_size": c.recipe.vocab_size,
             "recipe.clip_local_weight": c.recipe.clip_local_weight,
+            "recipe.clip_shift_weight": c.recipe.clip_shift_weight,
             **{f"model.{k}": to_dict(getattr(c.model, k)) for k in ("vision", "vae")},
             # The decoder's weights, not how it is sampled.
             "model.decoder": {

@@ -99,14 +99,19 @@ class TaggedSiglip(nn.Module):
         self.background = nn.Parameter(torch.zeros(width))  # the empty patches' feature (locality loss)
 
     def forward(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """→ logits per image (B, texts), tag logits (B, T), grounding logits per patch (B, g·g, G), and each
-        patch feature's offset from the learnt background feature (B, g·g, D)."""
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, shifted: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """→ logits per image (B, texts), tag logits (B, T), grounding logits per patch (B, g·g, G), each
+        patch feature's offset from the learnt background feature (B, g·g, D), and the same offsets for
+        ``shifted`` (the images moved by a few pixels; None when not given)."""
         out = self.clip(input_ids=input_ids, pixel_values=pixel_values)
         vision = out.vision_model_output
         patches = vision.last_hidden_state
-        return out.logits_per_image, self.tags(vision.pooler_output), self.patches(patches), patches - self.background
+        moved = None
+        if shifted is not None:
+            moved = self.clip.vision_model(pixel_values=shifted).last_hidden_state - self.background
+        offsets = patches - self.background
+        return out.logits_per_image, self.tags(vision.pooler_output), self.patches(patches), offsets, moved
 
 
 #: Grounding ids per patch: 0 is background, 1 + index in SHAPES (or in COLOR_NAMES) an object's class (colour).
@@ -149,9 +154,9 @@ class ClipTask(StageTask):
     tag_weight = 10.0
     ground_weight = 10.0
 
-    def __init__(self, *args: Any, local_weight: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, local_weight: float = 0.0, shift_weight: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.local_weight = local_weight
+        self.local_weight, self.shift_weight = local_weight, shift_weight
 
     def build_model(self) -> nn.Module:
         return TaggedSiglip(
@@ -181,8 +186,14 @@ class ClipTask(StageTask):
         named = [shapes_named(c) for c in captions]
         tags = torch.tensor([[s in n for s in SHAPES] for n in named], dtype=torch.float32)
         classes, colours = self.grounding
+        pixels = to_pixels(self.data.images[idx])
+        shifted = None
+        if self.shift_weight > 0:
+            g = side_generator(self.generator(step, micro, rank))
+            shifted = shift_pixels(pixels, self.cfg.vision.patch_size // 2 - 1, g)
         return {
-            "pixels": to_pixels(self.data.images[idx]),
+            "pixels": pixels,
+            "shifted": shifted,
             "input_ids": enc["input_ids"],
             "tags": tags,
             "classes": classes[idx],
@@ -191,7 +202,7 @@ class ClipTask(StageTask):
         }
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits, tag_logits, patch_logits, offsets = model(batch["input_ids"], batch["pixels"])
+        logits, tag_logits, patch_logits, offsets, moved = model(batch["input_ids"], batch["pixels"], batch["shifted"])
         b, k = logits.shape[0], NUM_CLASS_IDS
         contrastive = sigmoid_loss(logits)
         tags = F.binary_cross_entropy_with_logits(tag_logits, batch["tags"])
@@ -205,10 +216,15 @@ class ClipTask(StageTask):
         patch_acc = right.sum() / on_object.sum().clamp_min(1)
         local = locality_loss(offsets, batch["empty"])
         total = contrastive + self.tag_weight * tags + self.ground_weight * grounding
+        extra = {}
+        if moved is not None:
+            extra["shift"] = shift_loss(offsets, moved)
+            total = total + self.shift_weight * extra["shift"]
         return {
             # Also at weight 0, so that the background feature has a gradient and optimizer state to checkpoint.
             "loss": total + self.local_weight * local,
             "local": local.detach(),
+            **{k: v.detach() for k, v in extra.items()},
             "contrastive": contrastive.detach(),
             "tags": tags.detach(),
             "grounding": grounding.detach(),
@@ -223,6 +239,25 @@ def labelled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     labels = labels.flatten()
     total = F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum")
     return total / (labels != -100).sum().clamp_min(1)
+
+
+def shift_pixels(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image moved by its own random (dy, dx) ∈ [−max_shift, max_shift]², edges replicated."""
+    b, _, h, w = pixels.shape
+    padded = F.pad(pixels, (max_shift,) * 4, mode="replicate")
+    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator)).unbind(0)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, pixels.shape[1], h, w + 2 * max_shift)
+    cropped = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, pixels.shape[1], h, w)
+    return cropped.gather(3, cols)
+
+
+def shift_loss(patches: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    """Σ ‖patch − the same patch of the moved image‖² over Σ ‖patch − mean patch‖² ((B, N, D) features,
+    or their offsets from one shared vector): the share of the map's variance that a sub-patch move of
+    the scene changes. Scale-free, so shrinking every feature does not lower it."""
+    spread = (patches - patches.mean((0, 1))).pow(2).sum()
+    return (patches - moved).pow(2).sum() / spread.clamp_min(1e-8)
 
 
 def locality_loss(offsets: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
