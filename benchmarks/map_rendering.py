@@ -35,8 +35,7 @@ from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocit
 from blip3o.diffusion.sampler import euler_sample
 from blip3o.eval.geneval import GenEvalScorer
 from blip3o.infer.pipeline import BLIP3oPipeline
-from blip3o.models.heads import CROSS_GATE_INIT, condition_projection
-from blip3o.models.parts import build_lumina
+from blip3o.models.heads import condition_projection, head_dit
 from blip3o.train.tasks import encode_in_chunks, grounding_targets
 from blip3o.world.spec import COLOR_NAMES, SHAPES
 
@@ -59,12 +58,8 @@ class LayoutOracle(torch.nn.Module):
         super().__init__()
         labels = N_CLASSES + N_COLOURS
         self.channels = channels
-        self.dit = build_lumina(cfg, channels + labels, grid, cfg.hidden_size)
+        self.dit = head_dit(cfg, channels + labels, grid)
         self.proj = condition_projection(labels, cfg.hidden_size)
-        with torch.no_grad():
-            self.dit.pad_token.zero_()
-            for layer in self.dit.layers:
-                layer.gate.fill_(CROSS_GATE_INIT)
         rope = get_2d_rotary_pos_embed_lumina(cfg.hidden_size // cfg.num_heads, grid, grid)
         self.register_buffer("rope", torch.view_as_real(rope), persistent=False)
 

@@ -57,6 +57,17 @@ SAMPLE_SIGMA_FLOOR = 0.05
 velocity and its loss stay bounded near the data end."""
 
 
+def head_dit(cfg: DiTConfig, in_channels: int, side: int) -> nn.Module:
+    """The generation head's Lumina-Next DiT (:func:`blip3o.models.parts.build_lumina`, cross-attending to
+    ``cfg.hidden_size``-wide condition tokens) with its pad token zeroed and its cross-attention opened."""
+    dit = build_lumina(cfg, in_channels, side, cfg.hidden_size)
+    with torch.no_grad():  # diffusers leaves it uninitialised; it is only used for ragged patch grids
+        dit.pad_token.zero_()
+        for layer in dit.layers:  # open the cross-attention (loaded weights replace this)
+            layer.gate.fill_(CROSS_GATE_INIT)
+    return dit
+
+
 class FlowHead(nn.Module):
     """Velocity network over a (C, h, w) map conditioned on (B, L, H) hidden states.
 
@@ -89,11 +100,7 @@ class FlowHead(nn.Module):
         self.prediction, self.channels = prediction, channels
         self.prior = None if prior_tokens is None else ConditionalMean(cond_dim, prior_tokens, channels, side)
         self.cond_proj = condition_projection(cond_dim, cfg.hidden_size)
-        self.dit = build_lumina(cfg, channels * (1 if self.prior is None else 2), side, cfg.hidden_size)
-        with torch.no_grad():  # diffusers leaves it uninitialised; it is only used for ragged patch grids
-            self.dit.pad_token.zero_()
-            for layer in self.dit.layers:  # open the cross-attention (loaded weights replace this)
-                layer.gate.fill_(CROSS_GATE_INIT)
+        self.dit = head_dit(cfg, channels * (1 if self.prior is None else 2), side)
         head_dim = cfg.hidden_size // cfg.num_heads
         self.register_buffer(
             "rope", torch.view_as_real(get_2d_rotary_pos_embed_lumina(head_dim, side, side)), persistent=False

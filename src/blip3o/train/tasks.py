@@ -241,6 +241,12 @@ def labelled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (labels != -100).sum().clamp_min(1)
 
 
+def map_spread(features: torch.Tensor) -> torch.Tensor:
+    """Σ ‖feature − mean feature‖² over a batch of (B, N, D) patch features (or their offsets from one
+    shared vector), clamped away from 0: the denominator that makes the map losses scale-free."""
+    return (features - features.mean((0, 1))).pow(2).sum().clamp_min(1e-8)
+
+
 def shift_pixels(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Each image moved by its own random (dy, dx) ∈ [−max_shift, max_shift]², edges replicated."""
     b, _, h, w = pixels.shape
@@ -256,16 +262,14 @@ def shift_loss(patches: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
     """Σ ‖patch − the same patch of the moved image‖² over Σ ‖patch − mean patch‖² ((B, N, D) features,
     or their offsets from one shared vector): the share of the map's variance that a sub-patch move of
     the scene changes. Scale-free, so shrinking every feature does not lower it."""
-    spread = (patches - patches.mean((0, 1))).pow(2).sum()
-    return (patches - moved).pow(2).sum() / spread.clamp_min(1e-8)
+    return (patches - moved).pow(2).sum() / map_spread(patches)
 
 
 def locality_loss(offsets: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """Σ over empty patches of ‖feature − background‖², over Σ over all patches of ‖feature − mean feature‖²
     ((B, N, D) offsets feature − background, (B, N) empty mask): the share of the map's variance that the
     patches no object touches hold. Scale-free, so shrinking every feature does not lower it."""
-    spread = (offsets - offsets.mean((0, 1))).pow(2).sum()
-    return (offsets.pow(2).sum(-1) * empty).sum() / spread.clamp_min(1e-8)
+    return (offsets.pow(2).sum(-1) * empty).sum() / map_spread(offsets)
 
 
 def empty_patches(metas: list[dict[str, Any]], grid: int) -> torch.Tensor:
