@@ -488,3 +488,47 @@ def test_conditional_mean_reads_the_standardised_pooled_condition():
     torch.testing.assert_close(prior(5 + 3 * cond), prior(cond), rtol=1e-4, atol=1e-4)
     prior.eval()
     torch.testing.assert_close(prior(cond)[:1], prior(cond[:1]))
+
+
+def test_snap_layout_takes_each_patchs_best_class_and_an_objects_best_colour():
+    """One +1 per group (classes, then colours) and −1 elsewhere; a background patch gets the background
+    colour whatever its colour scores say, and an object patch its best object colour even where the
+    background colour scores higher."""
+    from blip3o.models.heads import snap_layout
+
+    classes, colours = 3, 4
+    scores = torch.zeros(1, classes + colours, 1, 3)
+    scores[0, 1, 0, 0], scores[0, classes + 2, 0, 0] = 5.0, 1.0  # object 1 in colour 2
+    scores[0, 0, 0, 1], scores[0, classes + 3, 0, 1] = 5.0, 9.0  # background, whatever the colour says
+    scores[0, 2, 0, 2], scores[0, classes, 0, 2], scores[0, classes + 1, 0, 2] = 5.0, 9.0, 0.5  # object 2, colour 1
+    expected = -torch.ones_like(scores)
+    for patch, (kind, colour) in enumerate([(1, 2), (0, 0), (2, 1)]):
+        expected[0, kind, 0, patch] = expected[0, classes + colour, 0, patch] = 1.0
+    assert torch.equal(snap_layout(scores, classes), expected)
+    assert torch.equal(snap_layout(expected, classes), expected)  # a layout snaps to itself
+
+
+def test_layout_encoder_snaps_the_grounding_heads_reading_of_the_raw_map(tokenizer):
+    from blip3o.models.heads import snap_layout, tokens_to_map
+    from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
+
+    assert NUM_CLASS_IDS == 7  # background and six classes, then eleven colour ids
+    torch.manual_seed(0)
+    cfg = ModelConfig(generation=GenerationConfig(target="layout"))
+    assert cfg.vision.pool == 2
+    clip = build_clip(cfg.vision, len(tokenizer))
+    head = torch.nn.Linear(cfg.vision.hidden_size, NUM_CLASS_IDS + NUM_COLOUR_IDS)
+    scales = unit_scales(cfg)
+    scales["feature_mean"] += 3.0  # the layout reads the raw map, not the standardised one
+    enc = Encoders(clip.vision_model, build_vae(cfg.vae), cfg.vision.pool, scales, grounding=head)
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        raw = tokens_to_map(clip.vision_model(pixel_values=pixels).last_hidden_state)  # (2, D, 8, 8)
+        pooled = torch.nn.functional.avg_pool2d(raw, cfg.vision.pool)  # the generation target's grid
+        expected = snap_layout(torch.einsum("gd,bdhw->bghw", head.weight, pooled) + head.bias[:, None, None], 7)
+    layout = enc.encoder("layout")(pixels)
+    assert layout.shape == (2, *cfg.target_shape) and cfg.decoder_channels == NUM_CLASS_IDS + NUM_COLOUR_IDS
+    assert torch.equal(layout, expected)
+    bare = Encoders(clip.vision_model, build_vae(cfg.vae), cfg.vision.pool, scales)
+    with pytest.raises(ValueError, match="per-patch grounding head"):
+        bare.layout(pixels)

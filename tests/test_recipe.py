@@ -344,3 +344,36 @@ def test_stochastic_head_sampling_gives_a_batch_what_its_prompts_get_alone(tiny_
     for b, a in zip(batch, alone, strict=True):
         np.testing.assert_allclose(np.asarray(b, dtype=float), np.asarray(a, dtype=float), atol=1)
     assert not np.array_equal(np.asarray(batch[0]), np.asarray(ode))
+
+
+def test_a_layout_run_trains_on_the_grounded_reading_and_decodes_snapped_samples(tiny_run, tmp_path):
+    """``generation.target=layout``: the decoder and the head train on the tower's grounded reading of each
+    image, and the pipeline snaps the head's samples to one-hot before the decoder renders them."""
+    from blip3o.data.processing import to_pixels
+    from blip3o.data.world_data import load_split
+    from blip3o.eval.model_eval import reconstruction_run
+    from blip3o.models.heads import map_to_tokens, snap_layout
+    from blip3o.train.recipe import make_task
+    from blip3o.world.spec import NUM_CLASS_IDS
+
+    overrides = ["model.generation.target=layout"]
+    for part in ("world", "tokenizer", "clip", "vae", "understanding", "scales.safetensors"):
+        (tmp_path / part).symlink_to(tiny_run / part)
+    cfg = resolve("tiny-debug", overrides)
+    dec, gen = make_task("decoder", cfg, tmp_path), make_task("generation", cfg, tmp_path)
+    idx = dec.indices(3, 0, 0, 1)
+    layout = dec.enc.layout(to_pixels(dec.data.images[idx]))
+    assert torch.equal(dec.batch(3, 0, 0, 1)["clip"], map_to_tokens(layout))
+    assert torch.equal(gen.batch(3, 0, 0, 1)["x0"], layout)
+
+    run_recipe(resolve("tiny-debug", ["recipe.stages=[decoder,generation]", *overrides]), tmp_path, progress=False)
+    pipe = BLIP3oPipeline.from_run(tmp_path)
+    seen = []
+    decode = pipe.decode_features
+    pipe.decode_features = lambda features, *args: seen.append(features) or decode(features, *args)
+    images = pipe(["a photo of a star", "a photo of two red circles"], seed=0, num_inference_steps=2)
+    side = cfg.model.vision.image_size
+    assert len(images) == 2 and images[0].size == (side, side)
+    assert torch.equal(seen[0], snap_layout(seen[0], NUM_CLASS_IDS))  # one-hot at ±1, as in training
+    assert 0 <= reconstruction_run(pipe, tmp_path / "world", n=2)["decoder"] <= 1
+    assert torch.equal(seen[1], dec.enc.layout(to_pixels(load_split(tmp_path / "world", "heldout").images[:2])))

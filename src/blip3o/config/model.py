@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from blip3o.config.checks import ConfigError, check_float, check_int
+from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
 
 
 def _check_heads(key: str, width: int, heads: int, multiple: int = 1) -> None:
@@ -133,7 +134,11 @@ class GenerationConfig:
     """How the backbone conditions image generation, what is generated, and with which objective."""
 
     condition: Literal["queries", "image_tokens"] = "queries"
-    target: Literal["clip", "latent"] = "clip"
+    target: Literal["clip", "latent", "layout"] = "clip"
+    """What the head generates: the standardised CLIP feature map (the paper's choice), VAE latents, or
+    ``layout``: the mini-CLIP's grounded reading of its map, which class and which colour cover each
+    patch (its per-patch grounding head, one-hot at ±1), snapped back to one-hot after sampling so the
+    pixel decoder, trained on the same reading, only ever sees the kind of input it was trained on."""
     objective: Literal["flow", "mse"] = "flow"
     num_queries: int = 16
     dit: DiTConfig = field(default_factory=DiTConfig)
@@ -220,11 +225,23 @@ class ModelConfig:
     @property
     def target_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of what the generation head produces."""
+        g = self.vision.target_grid
         if self.generation.target == "clip":
-            g = self.vision.target_grid
             return self.vision.hidden_size, g, g
+        if self.generation.target == "layout":
+            return NUM_CLASS_IDS + NUM_COLOUR_IDS, g, g
         side = self.vision.image_size // self.vae.downsample
         return self.vae.latent_channels, side, side
+
+    @property
+    def decoder_input(self) -> Literal["clip", "layout"]:
+        """What the pixel decoder reads: the layout for a layout-target model, else the CLIP map."""
+        return "layout" if self.generation.target == "layout" else "clip"
+
+    @property
+    def decoder_channels(self) -> int:
+        """Width of the pixel decoder's condition tokens."""
+        return NUM_CLASS_IDS + NUM_COLOUR_IDS if self.decoder_input == "layout" else self.vision.hidden_size
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

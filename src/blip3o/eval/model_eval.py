@@ -106,17 +106,19 @@ def vqa_run(
 
 def reconstruction_run(pipe, world: Path, n: int = 100) -> dict[str, Any]:
     """How much of a held-out image survives each decoding stage, judged by the GenEval-rule scorer
-    against the image's own prompt: ``vae`` (encode → decode) and ``decoder`` (its real CLIP map →
-    pixel decoder → VAE). Generation cannot score above what its decoder reconstructs."""
+    against the image's own prompt: ``vae`` (encode → decode) and ``decoder`` (its real CLIP map, or
+    its layout for a layout-target model → pixel decoder → VAE). Generation cannot score above what its
+    decoder reconstructs."""
     from blip3o.data.processing import to_images, to_pixels
     from blip3o.data.world_data import load_split
 
     data = load_split(world, "heldout")
     pixels = to_pixels(data.images[:n])
     records = [m["metadata"] for m in data.meta[:n]]
+    condition = pipe.encoders.encoder(pipe.cfg.decoder_input)(pixels)  # the real CLIP map, or its layout
     decoded = {
         "vae": to_images(pipe.encoders.decode(pipe.encoders.latents(pixels))),
-        "decoder": to_images(pipe.decode_features(pipe.encoders.clip(pixels), list(range(len(records))))),
+        "decoder": to_images(pipe.decode_features(condition, list(range(len(records))))),
     }
     scorer = GenEvalScorer()
     out: dict[str, Any] = {"images": len(records)}

@@ -26,8 +26,9 @@ from blip3o.data.processing import chat_inputs, generation_inputs, to_images, to
 from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
 from blip3o.diffusion.sampler import euler_sample
 from blip3o.models.build import Encoders, build_blip3o, load_weights
-from blip3o.models.heads import PixelDecoder, map_to_tokens
+from blip3o.models.heads import PixelDecoder, map_to_tokens, snap_layout
 from blip3o.models.unified import GENERATION_PARTS, BLIP3o
+from blip3o.world.spec import NUM_CLASS_IDS
 
 MODEL_FILE = "model.safetensors"
 SCALES_FILE = "scales.safetensors"
@@ -127,7 +128,7 @@ class BLIP3oPipeline:
         decoder = None
         if (run / "decoder" / MODEL_FILE).is_file():
             c, side, _ = cfg.latent_shape
-            decoder = PixelDecoder(cfg.decoder, c, side, cfg.vision.hidden_size)
+            decoder = PixelDecoder(cfg.decoder, c, side, cfg.decoder_channels)
             load_weights(decoder, run / "decoder" / MODEL_FILE)
         return cls(cfg, model, tokenizer, enc, decoder, untrained_head=None if trained else head)
 
@@ -184,6 +185,8 @@ class BLIP3oPipeline:
             )
         if gen.target == "latent":
             return to_images(self.encoders.decode(target))
+        if gen.target == "layout":
+            target = snap_layout(target, NUM_CLASS_IDS)
         return to_images(self.decode_features(target, all_seeds, decoder_guidance_scale, decoder_steps, progress))
 
     @torch.no_grad()
@@ -195,7 +198,8 @@ class BLIP3oPipeline:
         steps: int | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Scaled CLIP maps (B, D, g, g) → pixels (B, 3, H, W) through the pixel decoder and the VAE."""
+        """What the pixel decoder reads (standardised CLIP maps, or layouts for a layout-target model; (B, D, g, g))
+        → pixels (B, 3, H, W) through the pixel decoder and the VAE."""
         if self.decoder is None:
             raise ValueError(
                 "a CLIP-target model needs a pixel decoder to make pixels; this run has none (train its decoder stage)"

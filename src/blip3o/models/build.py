@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from blip3o.config.model import ModelConfig
 from blip3o.data.processing import to_pixels
 from blip3o.data.tokenizer import IMAGE_TOKEN
-from blip3o.models.heads import FlowHead, RegressionHead, tokens_to_map
+from blip3o.models.heads import FlowHead, RegressionHead, snap_layout, tokens_to_map
 from blip3o.models.parts import Projector, build_backbone, build_clip, build_vae
 from blip3o.models.unified import BLIP3o
+from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
+
+GROUNDING_PREFIX = "patches."
+"""Where a clip stage's checkpoint keeps the mini-CLIP's per-patch grounding head (``TaggedSiglip.patches``)."""
 
 
 def load_weights(module: nn.Module, path: str | Path, prefix: str = "", skip: tuple[str, ...] = ()) -> nn.Module:
@@ -61,9 +67,19 @@ class Encoders:
     """The frozen encoders of the later stages: the mini-CLIP vision tower and the VAE, with the statistics
     (:func:`measure_scales`) that standardise their outputs as generation targets."""
 
-    def __init__(self, vision: nn.Module, vae: nn.Module, pool: int, scales: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        vision: nn.Module,
+        vae: nn.Module,
+        pool: int,
+        scales: dict[str, torch.Tensor],
+        grounding: nn.Module | None = None,
+    ) -> None:
+        """``grounding``: the mini-CLIP's per-patch head (feature → class and colour logits) that
+        :meth:`layout` reads the map with; None for a tower trained without one."""
         self.vision, self.vae = vision.eval(), vae.eval()
-        for p in [*self.vision.parameters(), *self.vae.parameters()]:
+        self.grounding = grounding.eval() if grounding is not None else None
+        for p in [*self.vision.parameters(), *self.vae.parameters(), *(grounding or nn.Module()).parameters()]:
             p.requires_grad_(False)
         self.pool, self.scales = pool, scales
 
@@ -77,12 +93,36 @@ class Encoders:
         scales: dict[str, torch.Tensor],
     ) -> Encoders:
         vision = load_weights(build_clip(cfg.vision, vocab_size), clip_weights, prefix="clip.").vision_model
-        return cls(vision, load_weights(build_vae(cfg.vae), vae_weights, prefix="vae."), cfg.vision.pool, scales)
+        vae = load_weights(build_vae(cfg.vae), vae_weights, prefix="vae.")
+        grounding = None
+        with safe_open(str(clip_weights), "pt") as f:
+            keys = list(f.keys())
+        if any(k.startswith(GROUNDING_PREFIX) for k in keys):
+            grounding = nn.Linear(cfg.vision.hidden_size, NUM_CLASS_IDS + NUM_COLOUR_IDS)
+            load_weights(grounding, clip_weights, prefix=GROUNDING_PREFIX)
+        return cls(vision, vae, cfg.vision.pool, scales, grounding)
 
     @torch.no_grad()
     def clip(self, pixels: torch.Tensor) -> torch.Tensor:
         """Standardised CLIP map (B, D, g, g)."""
         return (clip_map(self.vision, pixels, self.pool) - self.scales["feature_mean"]) / self.scales["feature_std"]
+
+    @torch.no_grad()
+    def layout(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The grounded reading of the CLIP map (B, classes + colours, g, g): which class and which colour
+        the tower's grounding head sees on each patch, one-hot at ±1 (:func:`snap_layout`)."""
+        if self.grounding is None:
+            raise ValueError(
+                "a layout target needs the mini-CLIP's per-patch grounding head, and these clip weights have none"
+                f" (no '{GROUNDING_PREFIX}*' keys): train the clip stage of a shapes preset, or use target=clip"
+            )
+        raw = clip_map(self.vision, pixels, self.pool)
+        scores = tokens_to_map(self.grounding(raw.flatten(2).transpose(1, 2)))
+        return snap_layout(scores, NUM_CLASS_IDS)
+
+    def encoder(self, target: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The encoding of images as a generation target or a decoder input: ``clip``, ``latent`` or ``layout``."""
+        return {"clip": self.clip, "latent": self.latents, "layout": self.layout}[target]
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor) -> torch.Tensor:

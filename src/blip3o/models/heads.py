@@ -47,6 +47,20 @@ def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, d, g, g)
 
 
+def snap_layout(scores: torch.Tensor, classes: int) -> torch.Tensor:
+    """Per-patch scores (B, classes + colours, g, g), class scores first, → the one-hot layout at ±1.
+
+    Each patch takes its best class and, if that is an object (class id > 0), its best object colour (id > 0);
+    a background patch gets the background colour (id 0). The same rule reads a grounding head's logits and
+    snaps a sampled layout, so the pixel decoder sees one kind of input from both.
+    """
+    kind = scores[:, :classes].argmax(1)  # (B, g, g)
+    colour = scores[:, classes + 1 :].argmax(1) + 1
+    colour = torch.where(kind > 0, colour, 0)
+    onehot = torch.cat([F.one_hot(kind, classes), F.one_hot(colour, scores.shape[1] - classes)], -1)
+    return onehot.permute(0, 3, 1, 2).to(scores.dtype) * 2 - 1
+
+
 def condition_projection(in_dim: int, out_dim: int) -> nn.Sequential:
     """PixArt-α's caption projection, as used by BLIP3-o before its DiT."""
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(approximate="tanh"), nn.Linear(out_dim, out_dim))

@@ -33,7 +33,7 @@ from blip3o.models.heads import PixelDecoder, map_to_tokens
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import GENERATION_PARTS
 from blip3o.world.prompts import shape_swapped, shapes_named
-from blip3o.world.spec import COLOR_NAMES, SHAPES
+from blip3o.world.spec import COLOR_NAMES, NUM_CLASS_IDS, NUM_COLOUR_IDS, SHAPES
 
 
 class StageTask:
@@ -112,10 +112,6 @@ class TaggedSiglip(nn.Module):
             moved = self.clip.vision_model(pixel_values=shifted).last_hidden_state - self.background
         offsets = patches - self.background
         return out.logits_per_image, self.tags(vision.pooler_output), self.patches(patches), offsets, moved
-
-
-#: Grounding ids per patch: 0 is background, 1 + index in SHAPES (or in COLOR_NAMES) an object's class (colour).
-NUM_CLASS_IDS, NUM_COLOUR_IDS = 1 + len(SHAPES), 1 + len(COLOR_NAMES)
 
 
 def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -363,13 +359,14 @@ class DecoderTask(StageTask):
 
     def build_model(self) -> nn.Module:
         c, side, _ = self.cfg.latent_shape
-        return PixelDecoder(self.cfg.decoder, c, side, self.cfg.vision.hidden_size)
+        return PixelDecoder(self.cfg.decoder, c, side, self.cfg.decoder_channels)
 
     @cached_property
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardised CLIP tokens and VAE latents of every training image (the encoders are frozen)."""
-        images = self.data.images
-        return map_to_tokens(encode_in_chunks(images, self.enc.clip)), encode_in_chunks(images, self.enc.latents)
+        """Condition tokens (standardised CLIP map or layout) and VAE latents of every training image (the
+        encoders are frozen)."""
+        images, read = self.data.images, self.enc.encoder(self.cfg.decoder_input)
+        return map_to_tokens(encode_in_chunks(images, read)), encode_in_chunks(images, self.enc.latents)
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
@@ -488,9 +485,8 @@ class GenerationTask(StageTask):
 
     @cached_property
     def targets(self) -> torch.Tensor:
-        """The generation target (standardised CLIP map or VAE latents) of every training image."""
-        encode = self.enc.clip if self.cfg.generation.target == "clip" else self.enc.latents
-        return encode_in_chunks(self.data.images, encode)
+        """The generation target (standardised CLIP map, VAE latents or layout) of every training image."""
+        return encode_in_chunks(self.data.images, self.enc.encoder(self.cfg.generation.target))
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)

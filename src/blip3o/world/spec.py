@@ -23,6 +23,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 
+#: Per-patch grounding ids: 0 is background, 1 + index in SHAPES (or in COLOR_NAMES) an object's class (colour).
+NUM_CLASS_IDS, NUM_COLOUR_IDS = 1 + len(SHAPES), 1 + len(COLOR_NAMES)
+
 #: Mid-grey background (#808080).
 BACKGROUND: tuple[int, int, int] = (0x80, 0x80, 0x80)
 
