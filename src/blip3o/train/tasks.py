@@ -268,6 +268,14 @@ def locality_loss(offsets: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     return (offsets.pow(2).sum(-1) * empty).sum() / map_spread(offsets)
 
 
+def unit_boxes(meta: dict[str, Any]) -> list[tuple[dict[str, Any], tuple[float, ...]]] | None:
+    """A shape scene's objects, each with its box (x0, y0, x1, y1) as fractions of the image side; None for a
+    sample that is not a shape scene (a text scene)."""
+    if meta["kind"] != "scene":
+        return None
+    return [(obj, tuple(v / meta["size"] for v in obj["box"])) for obj in meta["objects"]]
+
+
 def empty_patches(metas: list[dict[str, Any]], grid: int) -> torch.Tensor:
     """(B, g·g) bool: the patches of a ``grid``×``grid`` map (row-major) that no object box overlaps. Text
     scenes have none."""
@@ -275,11 +283,10 @@ def empty_patches(metas: list[dict[str, Any]], grid: int) -> torch.Tensor:
     edges = torch.arange(grid + 1) / grid
     lo, hi = edges[:-1], edges[1:]
     for i, meta in enumerate(metas):
-        if meta["kind"] != "scene":
+        if (boxes := unit_boxes(meta)) is None:
             empty[i] = False
             continue
-        for obj in meta["objects"]:
-            x0, y0, x1, y1 = (v / meta["size"] for v in obj["box"])
+        for _, (x0, y0, x1, y1) in boxes:
             rows, cols = (lo < y1) & (hi > y0), (lo < x1) & (hi > x0)
             empty[i] &= ~(rows[:, None] & cols[None, :])
     return empty.flatten(1)
@@ -294,11 +301,10 @@ def grounding_targets(metas: list[dict[str, Any]], grid: int) -> tuple[torch.Ten
     colours = torch.zeros_like(classes)
     centres = (torch.arange(grid) + 0.5) / grid
     for i, meta in enumerate(metas):
-        if meta["kind"] != "scene":
+        if (boxes := unit_boxes(meta)) is None:
             classes[i] = colours[i] = -100
             continue
-        for obj in meta["objects"]:
-            x0, y0, x1, y1 = (v / meta["size"] for v in obj["box"])
+        for obj, (x0, y0, x1, y1) in boxes:
             inside = ((centres >= y0) & (centres <= y1))[:, None] & ((centres >= x0) & (centres <= x1))[None, :]
             classes[i][inside] = 1 + SHAPES.index(obj["class"])
             colours[i][inside] = 1 + COLOR_NAMES.index(obj["color"])
