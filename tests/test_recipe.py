@@ -346,7 +346,7 @@ def test_stochastic_head_sampling_gives_a_batch_what_its_prompts_get_alone(tiny_
     assert not np.array_equal(np.asarray(batch[0]), np.asarray(ode))
 
 
-def test_a_layout_run_trains_on_the_grounded_reading_and_decodes_snapped_samples(tiny_run, tmp_path):
+def test_a_layout_run_trains_on_the_grounded_reading_and_decodes_snapped_samples(tiny_run, tmp_path, capsys):
     """``generation.target=layout``: the decoder and the head train on the tower's grounded reading of each
     image, and the pipeline snaps the head's samples to one-hot before the decoder renders them."""
     from blip3o.data.processing import to_pixels
@@ -377,3 +377,6 @@ def test_a_layout_run_trains_on_the_grounded_reading_and_decodes_snapped_samples
     assert torch.equal(seen[0], snap_layout(seen[0], NUM_CLASS_IDS))  # one-hot at ±1, as in training
     assert 0 <= reconstruction_run(pipe, tmp_path / "world", n=2)["decoder"] <= 1
     assert torch.equal(seen[1], dec.enc.layout(to_pixels(load_split(tmp_path / "world", "heldout").images[:2])))
+    capsys.readouterr()
+    assert main(["eval", "reconstruction", str(tmp_path), "--n", "2"]) == 0
+    assert "by the pixel decoder from their layouts" in capsys.readouterr().out

@@ -117,10 +117,12 @@ def _eval_reconstruction(args: argparse.Namespace) -> int:
     from blip3o.eval.model_eval import reconstruction_run
     from blip3o.infer.pipeline import BLIP3oPipeline
 
-    summary = reconstruction_run(BLIP3oPipeline.from_run(args.run), Path(args.run) / "world", n=args.n)
+    pipe = BLIP3oPipeline.from_run(args.run)
+    summary = reconstruction_run(pipe, Path(args.run) / "world", n=args.n)
+    source = "layouts" if pipe.cfg.decoder_input == "layout" else "CLIP maps"
     print(
         f"held-out images kept correct by the VAE: {summary['vae']:.4f}; "
-        f"by the pixel decoder from their CLIP maps: {summary['decoder']:.4f} ({summary['images']} images)"
+        f"by the pixel decoder from their {source}: {summary['decoder']:.4f} ({summary['images']} images)"
     )
     print(json.dumps(summary))
     return 0
