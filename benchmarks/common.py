@@ -64,3 +64,28 @@ def shortened(cfg, steps: int):
         for s in STAGES
     }
     return replace(cfg, recipe=replace(cfg.recipe, **stages))
+
+
+def fit(module, step_loss: Callable[[int], object], steps: int, lr: float = 1e-3) -> float:
+    """Train ``module`` with the shapes stages' recipe: AdamW (no weight decay), 50 linear warm-up steps, a
+    cosine to a tenth of ``lr``, gradients clipped to norm 1. ``step_loss(step)`` draws step ``step``'s batch
+    and returns its loss; returns the mean loss of the last 100 steps."""
+    import math
+
+    import torch
+
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+    )
+    tail = []
+    for step in range(steps):
+        loss = step_loss(step)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step >= steps - 100:
+            tail.append(loss.detach())
+    return torch.stack(tail).mean().item()

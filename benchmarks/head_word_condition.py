@@ -13,7 +13,6 @@ Run: ``.venv/bin/python benchmarks/head_word_condition.py RUN [--steps 1500] [--
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from blip3o.infer.pipeline import BLIP3oPipeline
 from blip3o.models.heads import FlowHead
 from blip3o.train.tasks import encode_in_chunks, flow_step
 
-from common import emit
+from common import emit, fit
 
 
 class WordCondition(nn.Module):
@@ -67,26 +66,18 @@ def main() -> None:
     width = gen.dit.hidden_size
     torch.manual_seed(0)
     model = WordCondition(len(pipe.tokenizer), width, FlowHead(gen.dit, c, side, width, prediction=gen.prediction))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps)))
-    )
     g = torch.Generator().manual_seed(0)
-    start, tail = time.perf_counter(), []
-    for step in range(args.steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(targets), (args.batch,), generator=g).tolist()
         ids, mask = generation_inputs(pipe.tokenizer, [prompts[i] for i in idx])
         sigma, x_t, target, keep = flow_step(gen.cond_dropout, gen.shift, gen.timestep_sampling, targets[idx], step)
         cond = model.condition(ids, mask) * keep[:, None, None]
-        loss = flow_loss(model.velocity(x_t, sigma, cond), target)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step >= args.steps - 100:
-            tail.append(loss.detach())
-    emit("word-conditioned head: flow loss, last 100 steps", torch.stack(tail).mean().item(), "loss", run=args.run)
+        return flow_loss(model.velocity(x_t, sigma, cond), target)
+
+    start = time.perf_counter()
+    loss = fit(model, step_loss, args.steps, args.lr)
+    emit("word-conditioned head: flow loss, last 100 steps", loss, "loss", run=args.run)
     emit("word-conditioned head: training time", time.perf_counter() - start, "s", run=args.run)
     pipe.model = model.eval()
     if args.guidance is not None:

@@ -15,7 +15,6 @@ Run: ``.venv/bin/python benchmarks/layout_rendering.py RUN [--source truth tower
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -32,32 +31,22 @@ from blip3o.models.heads import PixelDecoder, map_to_tokens
 from blip3o.train.tasks import encode_in_chunks
 from map_rendering import label_maps
 
-from common import emit
+from common import emit, fit
 
 
 def train_decoder(decoder: PixelDecoder, latents: torch.Tensor, cond: torch.Tensor, steps: int, batch: int) -> float:
     """The decoder stage's recipe (AdamW 1e-3, 50 warm-up steps, cosine to 1e-4, clip 1, uniform σ,
     condition dropout 0.1); returns the mean flow loss of the last 100 steps."""
-    opt = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
-    )
     g = torch.Generator().manual_seed(0)
-    tail = []
-    for step in range(steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         x0, keep = latents[idx], (torch.rand(batch, generator=g) >= 0.1).float().view(-1, 1, 1)
         sigma = sample_sigmas(batch, generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = flow_loss(decoder(interpolate(x0, noise, sigma), sigma, cond[idx] * keep), velocity_target(x0, noise))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step >= steps - 100:
-            tail.append(loss.detach())
-    return torch.stack(tail).mean().item()
+        return flow_loss(decoder(interpolate(x0, noise, sigma), sigma, cond[idx] * keep), velocity_target(x0, noise))
+
+    return fit(decoder, step_loss, steps)
 
 
 def main() -> None:

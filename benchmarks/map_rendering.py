@@ -21,7 +21,6 @@ Run: ``.venv/bin/python benchmarks/map_rendering.py RUN [--pca 8 16 32] [--steps
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from blip3o.models.heads import condition_projection, head_dit
 from blip3o.train.tasks import encode_in_chunks, grounding_targets
 from blip3o.world.spec import COLOR_NAMES, SHAPES
 
-from common import emit
+from common import emit, fit
 
 N_CLASSES, N_COLOURS = 1 + len(SHAPES), 1 + len(COLOR_NAMES)
 
@@ -74,26 +73,16 @@ class LayoutOracle(torch.nn.Module):
 def train_oracle(oracle: LayoutOracle, maps: torch.Tensor, labels: torch.Tensor, steps: int, batch: int) -> float:
     """The generation stage's recipe (AdamW 1e-3, 50 warm-up steps, cosine to 1e-4, clip 1, uniform σ,
     condition dropout 0.1); returns the mean flow loss of the last 100 steps."""
-    opt = torch.optim.AdamW(oracle.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
-    )
     g = torch.Generator().manual_seed(0)
-    tail = []
-    for step in range(steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(maps), (batch,), generator=g)
         x0, keep = maps[idx], (torch.rand(batch, generator=g) >= 0.1).float().view(-1, 1, 1, 1)
         sigma = sample_sigmas(batch, generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = flow_loss(oracle(interpolate(x0, noise, sigma), sigma, labels[idx] * keep), velocity_target(x0, noise))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(oracle.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step >= steps - 100:
-            tail.append(loss.detach())
-    return torch.stack(tail).mean().item()
+        return flow_loss(oracle(interpolate(x0, noise, sigma), sigma, labels[idx] * keep), velocity_target(x0, noise))
+
+    return fit(oracle, step_loss, steps)
 
 
 def class_probe(maps: torch.Tensor, labels: torch.Tensor) -> torch.nn.Linear:
