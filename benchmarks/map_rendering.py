@@ -36,17 +36,17 @@ from blip3o.eval.geneval import GenEvalScorer
 from blip3o.infer.pipeline import BLIP3oPipeline
 from blip3o.models.heads import condition_projection, head_dit
 from blip3o.train.tasks import encode_in_chunks, grounding_targets
-from blip3o.world.spec import COLOR_NAMES, SHAPES
+from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
 
 from common import emit, fit
-
-N_CLASSES, N_COLOURS = 1 + len(SHAPES), 1 + len(COLOR_NAMES)
 
 
 def label_maps(metas: list[dict], grid: int) -> torch.Tensor:
     """(B, classes + colours, g, g) one-hot per-patch labels (background is class 0 and colour 0)."""
     classes, colours = grounding_targets(metas, grid)
-    onehot = torch.cat([F.one_hot(classes.clamp(min=0), N_CLASSES), F.one_hot(colours.clamp(min=0), N_COLOURS)], -1)
+    onehot = torch.cat(
+        [F.one_hot(classes.clamp(min=0), NUM_CLASS_IDS), F.one_hot(colours.clamp(min=0), NUM_COLOUR_IDS)], -1
+    )
     return onehot.float().transpose(1, 2).reshape(len(metas), -1, grid, grid)
 
 
@@ -55,7 +55,7 @@ class LayoutOracle(torch.nn.Module):
 
     def __init__(self, cfg, channels: int, grid: int) -> None:
         super().__init__()
-        labels = N_CLASSES + N_COLOURS
+        labels = NUM_CLASS_IDS + NUM_COLOUR_IDS
         self.channels = channels
         self.dit = head_dit(cfg, channels + labels, grid)
         self.proj = condition_projection(labels, cfg.hidden_size)
@@ -89,8 +89,8 @@ def class_probe(maps: torch.Tensor, labels: torch.Tensor) -> torch.nn.Linear:
     """A linear per-patch class classifier on real maps."""
     torch.manual_seed(0)
     feats = maps.flatten(2).transpose(1, 2).reshape(-1, maps.shape[1])
-    target = labels[:, :N_CLASSES].argmax(1).flatten()
-    probe = torch.nn.Linear(feats.shape[1], N_CLASSES)
+    target = labels[:, :NUM_CLASS_IDS].argmax(1).flatten()
+    probe = torch.nn.Linear(feats.shape[1], NUM_CLASS_IDS)
     opt = torch.optim.Adam(probe.parameters(), 1e-2)
     for _ in range(400):
         idx = torch.randint(0, len(feats), (4096,))
@@ -105,7 +105,7 @@ def class_probe(maps: torch.Tensor, labels: torch.Tensor) -> torch.nn.Linear:
 def probe_accuracy(probe: torch.nn.Linear, maps: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """The probe's accuracy on object patches and on background patches."""
     pred = probe(maps.flatten(2).transpose(1, 2)).argmax(-1).flatten()
-    truth = labels[:, :N_CLASSES].argmax(1).flatten()
+    truth = labels[:, :NUM_CLASS_IDS].argmax(1).flatten()
     obj = truth > 0
     return (pred[obj] == truth[obj]).float().mean().item(), (pred[~obj] == 0).float().mean().item()
 
