@@ -9,7 +9,8 @@ from the mini-CLIP's grounding head (``Encoders.layout``, what ``model.generatio
 generates). Beside the run's decoder on real CLIP maps, this says how much of a correct scene a layout
 at patch resolution carries: if it renders about as well, a generation target of that size suffices.
 
-Run: ``.venv/bin/python benchmarks/layout_rendering.py RUN [--source truth tower] [--steps 1500] [--n 120]``.
+Run: ``.venv/bin/python benchmarks/layout_rendering.py RUN [--source truth tower] [--grid G] [--steps 1500] [--n 120]``;
+``--grid`` sets the grid of the boxes' layout (``--source truth`` only).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--source", nargs="+", choices=["truth", "tower"], default=["truth", "tower"])
+    parser.add_argument("--grid", type=int, help="layout grid for --source truth (default: the map's grid)")
     args = parser.parse_args()
 
     cfg = load_yaml(args.run / "config.yaml", RunConfig).model
@@ -65,7 +67,9 @@ def main() -> None:
     train, heldout = load_split(args.run / "world", "train"), load_split(args.run / "world", "heldout")
     n_train = min(args.n_train, len(train.meta))
     scenes = list(range(min(args.n, len(heldout.meta))))
-    grid = cfg.vision.target_grid
+    grid = args.grid or cfg.vision.target_grid
+    if "tower" in args.source and grid != cfg.vision.target_grid:
+        parser.error("--grid sets the boxes' layout (--source truth); the tower's layout has the run's own grid")
     latents = encode_in_chunks(train.images[:n_train], enc.latents)
     scorer = GenEvalScorer()
     records = [heldout.meta[i]["metadata"] for i in scenes]
@@ -94,8 +98,8 @@ def main() -> None:
                 images = to_images(enc.decode(x))
             right = sum(scorer.score(im, r)["correct"] for im, r in zip(images, records, strict=True)) / len(scenes)
             emit(
-                "layout_rendering", right, "fraction correct", source=source, guidance=scale, steps=args.steps,
-                final_flow_loss=loss,
+                "layout_rendering", right, "fraction correct", source=source, grid=grid, guidance=scale,
+                steps=args.steps, final_flow_loss=loss,
             )  # fmt: skip
 
 

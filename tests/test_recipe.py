@@ -346,6 +346,31 @@ def test_stochastic_head_sampling_gives_a_batch_what_its_prompts_get_alone(tiny_
     assert not np.array_equal(np.asarray(batch[0]), np.asarray(ode))
 
 
+def test_a_layout_of_cells_trains_the_tower_on_the_fine_grid_and_the_head_and_decoder_on_its_reading(
+    tiny_run, tmp_path
+):
+    """``vision.grounding_cells=2``: the clip stage's grounding head labels 2×2 cells of each patch, the head
+    generates the 16×16 reading and the decoder renders it."""
+    from blip3o.data.processing import to_pixels
+    from blip3o.models.heads import map_to_tokens
+    from blip3o.train.recipe import make_task
+
+    overrides = ["model.generation.target=layout", "model.vision.grounding_cells=2"]
+    for part in ("world", "tokenizer", "vae"):
+        (tmp_path / part).symlink_to(tiny_run / part)
+    run_recipe(resolve("tiny-debug", overrides), tmp_path, progress=False)
+    weights = load_file(tmp_path / "clip" / "model.safetensors")
+    assert weights["patches.weight"].shape[0] == 4 * 18
+    cfg = resolve("tiny-debug", overrides)
+    gen = make_task("generation", cfg, tmp_path)
+    side = cfg.model.vision.target_grid * 2
+    layout = gen.enc.layout(to_pixels(gen.data.images[:3]))
+    assert layout.shape == (3, 18, side, side) == (3, *cfg.model.target_shape)
+    assert torch.equal(make_task("decoder", cfg, tmp_path).targets[0][:3], map_to_tokens(layout))
+    images = BLIP3oPipeline.from_run(tmp_path)(["a photo of a star"], seed=0, num_inference_steps=2)
+    assert images[0].size == (cfg.model.vision.image_size,) * 2
+
+
 def test_a_layout_run_trains_on_the_grounded_reading_and_decodes_snapped_samples(tiny_run, tmp_path, capsys):
     """``generation.target=layout``: the decoder and the head train on the tower's grounded reading of each
     image, and the pipeline snaps the head's samples to one-hot before the decoder renders them."""

@@ -65,9 +65,14 @@ class VisionConfig:
     """Layers of the SigLIP text tower used only to train the mini-CLIP contrastively."""
     pool: int = 2
     """Average-pool factor from the patch grid to the generation target grid (BLIP3-o: 32 → 8, pool 4)."""
+    grounding_cells: int = 1
+    """Cells per side of each map patch that the mini-CLIP's per-patch grounding head labels (shapes scale):
+    2 reads every 8-px patch as 2×2 cells of 4 px, so a layout target (``generation.target=layout``) is
+    a 16×16 grid on the 8×8 map."""
 
     def __post_init__(self) -> None:
         check_int("vision.image_size", self.image_size, ge=16, le=1024)
+        check_int("vision.grounding_cells", self.grounding_cells, ge=1, le=8)
         check_int("vision.patch_size", self.patch_size, ge=1)
         if self.image_size % self.patch_size:
             raise ConfigError(f"must divide image_size {self.image_size}", key="vision.patch_size")
@@ -137,8 +142,9 @@ class GenerationConfig:
     target: Literal["clip", "latent", "layout"] = "clip"
     """What the head generates: the standardised CLIP feature map (the paper's choice), VAE latents, or
     ``layout``: the mini-CLIP's grounded reading of its map, which class and which colour cover each
-    patch (its per-patch grounding head, one-hot at ±1), snapped back to one-hot after sampling so the
-    pixel decoder, trained on the same reading, only ever sees the kind of input it was trained on."""
+    patch, or each of its ``vision.grounding_cells``² cells (its per-patch grounding head, one-hot at ±1),
+    snapped back to one-hot after sampling so the pixel decoder, trained on the same reading, only ever sees
+    the kind of input it was trained on."""
     objective: Literal["flow", "mse"] = "flow"
     num_queries: int = 16
     dit: DiTConfig = field(default_factory=DiTConfig)
@@ -229,9 +235,16 @@ class ModelConfig:
         if self.generation.target == "clip":
             return self.vision.hidden_size, g, g
         if self.generation.target == "layout":
-            return NUM_CLASS_IDS + NUM_COLOUR_IDS, g, g
+            side = g * self.vision.grounding_cells
+            return NUM_CLASS_IDS + NUM_COLOUR_IDS, side, side
         side = self.vision.image_size // self.vae.downsample
         return self.vae.latent_channels, side, side
+
+    @property
+    def target_patch(self) -> int:
+        """The generation DiT's patch size: a layout's cells of one map patch make one token, so the DiT sees
+        the map's token grid whatever the layout's resolution; 1 for the other targets."""
+        return self.vision.grounding_cells if self.generation.target == "layout" else 1
 
     @property
     def decoder_input(self) -> Literal["clip", "layout"]:

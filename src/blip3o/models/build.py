@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,12 +15,20 @@ from torch import nn
 from blip3o.config.model import ModelConfig
 from blip3o.data.processing import to_pixels
 from blip3o.data.tokenizer import IMAGE_TOKEN
-from blip3o.models.heads import FlowHead, RegressionHead, snap_layout, tokens_to_map
+from blip3o.models.heads import FlowHead, RegressionHead, cells_to_map, snap_layout, tokens_to_map
 from blip3o.models.parts import Projector, build_backbone, build_clip, build_vae
 from blip3o.models.unified import BLIP3o
 from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
 
 GROUNDING_PREFIX = "patches."
+
+
+def grounding_width(cells: int) -> int:
+    """Outputs of the mini-CLIP's per-patch grounding head: class and colour logits for each of a patch's
+    ``cells``×``cells`` cells."""
+    return cells * cells * (NUM_CLASS_IDS + NUM_COLOUR_IDS)
+
+
 """Where a clip stage's checkpoint keeps the mini-CLIP's per-patch grounding head (``TaggedSiglip.patches``)."""
 
 
@@ -98,7 +107,16 @@ class Encoders:
         with safe_open(str(clip_weights), "pt") as f:
             keys = list(f.keys())
         if any(k.startswith(GROUNDING_PREFIX) for k in keys):
-            grounding = nn.Linear(cfg.vision.hidden_size, NUM_CLASS_IDS + NUM_COLOUR_IDS)
+            width, cells = grounding_width(cfg.vision.grounding_cells), cfg.vision.grounding_cells
+            with safe_open(str(clip_weights), "pt") as f:
+                stored = f.get_slice(GROUNDING_PREFIX + "weight").get_shape()[0]
+            if stored != width:
+                raise ValueError(
+                    f"{clip_weights}: the grounding head has {stored} outputs, and vision.grounding_cells={cells} "
+                    f"needs {width} ({cells}×{cells} cells × {NUM_CLASS_IDS + NUM_COLOUR_IDS} labels); set "
+                    "vision.grounding_cells to what the clip stage was trained with"
+                )
+            grounding = nn.Linear(cfg.vision.hidden_size, width)
             load_weights(grounding, clip_weights, prefix=GROUNDING_PREFIX)
         return cls(vision, vae, cfg.vision.pool, scales, grounding)
 
@@ -109,16 +127,18 @@ class Encoders:
 
     @torch.no_grad()
     def layout(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The grounded reading of the CLIP map (B, classes + colours, g, g): which class and which colour
-        the tower's grounding head sees on each patch, one-hot at ±1 (:func:`snap_layout`)."""
+        """The grounded reading of the CLIP map (B, classes + colours, g·c, g·c): which class and which colour
+        the tower's grounding head sees on each patch, or on each of its c×c cells, one-hot at ±1
+        (:func:`snap_layout`)."""
         if self.grounding is None:
             raise ValueError(
                 "a layout target needs the mini-CLIP's per-patch grounding head, and these clip weights have none"
                 f" (no '{GROUNDING_PREFIX}*' keys): train the clip stage of a shapes preset, or use target=clip"
             )
         raw = clip_map(self.vision, pixels, self.pool)
-        scores = tokens_to_map(self.grounding(raw.flatten(2).transpose(1, 2)))
-        return snap_layout(scores, NUM_CLASS_IDS)
+        logits = self.grounding(raw.flatten(2).transpose(1, 2))  # (B, g·g, c·c·(classes + colours))
+        cells = math.isqrt(logits.shape[-1] // (NUM_CLASS_IDS + NUM_COLOUR_IDS))
+        return snap_layout(cells_to_map(logits, cells), NUM_CLASS_IDS)
 
     def encoder(self, target: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The encoding of images as a generation target or a decoder input: ``clip``, ``latent`` or ``layout``."""
@@ -157,7 +177,9 @@ def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:
     else:
         gen = cfg.generation
         prior = gen.num_queries if gen.prior else None
-        head = FlowHead(gen.dit, channels, side, width, prediction=gen.prediction, prior_tokens=prior)
+        head = FlowHead(
+            gen.dit, channels, side, width, prediction=gen.prediction, prior_tokens=prior, patch=cfg.target_patch
+        )
     projector = Projector(cfg.vision.hidden_size, width, cfg.vision.grid if cfg.backbone.image_positions else None)
     return BLIP3o(
         backbone,

@@ -47,6 +47,14 @@ def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, d, g, g)
 
 
+def cells_to_map(x: torch.Tensor, cells: int) -> torch.Tensor:
+    """Per-patch outputs for ``cells``×``cells`` cells of each patch (B, g·g, c·c·K), cell (i, j) of a patch
+    at i·c + j, → the (B, K, g·c, g·c) map of cells."""
+    b, n, d = x.shape
+    g, k = math.isqrt(n), d // (cells * cells)
+    return x.view(b, g, g, cells, cells, k).permute(0, 5, 1, 3, 2, 4).reshape(b, k, g * cells, g * cells)
+
+
 def snap_layout(scores: torch.Tensor, classes: int) -> torch.Tensor:
     """Per-patch scores (B, classes + colours, g, g), class scores first, → the one-hot layout at ±1.
 
@@ -71,10 +79,10 @@ SAMPLE_SIGMA_FLOOR = 0.05
 velocity and its loss stay bounded near the data end."""
 
 
-def head_dit(cfg: DiTConfig, in_channels: int, side: int) -> nn.Module:
+def head_dit(cfg: DiTConfig, in_channels: int, side: int, patch: int = 1) -> nn.Module:
     """The generation head's Lumina-Next DiT (:func:`blip3o.models.parts.build_lumina`, cross-attending to
     ``cfg.hidden_size``-wide condition tokens) with its pad token zeroed and its cross-attention opened."""
-    dit = build_lumina(cfg, in_channels, side, cfg.hidden_size)
+    dit = build_lumina(cfg, in_channels, side, cfg.hidden_size, patch)
     with torch.no_grad():  # diffusers leaves it uninitialised; it is only used for ragged patch grids
         dit.pad_token.zero_()
         for layer in dit.layers:  # open the cross-attention (loaded weights replace this)
@@ -90,6 +98,8 @@ class FlowHead(nn.Module):
     straight path through x̂0, so the flow loss and the Euler sampler see a velocity either way. A DiT
     as narrow as its tokens cannot carry the full-rank noise that v = ε − x0 contains, while x0 lies on
     the low-dimensional set of real maps.
+
+    ``patch``: the DiT's patch size (a token covers patch×patch entries of the map).
 
     ``prior_tokens=N`` (the condition's length) adds a :class:`ConditionalMean` μ whose map is fed to the
     DiT as C extra input channels at every step, and, with x-prediction, is the base the DiT's output is
@@ -107,6 +117,7 @@ class FlowHead(nn.Module):
         cond_dim: int,
         prediction: str = "velocity",
         prior_tokens: int | None = None,
+        patch: int = 1,
     ) -> None:
         super().__init__()
         if prediction not in ("velocity", "sample"):
@@ -114,10 +125,10 @@ class FlowHead(nn.Module):
         self.prediction, self.channels = prediction, channels
         self.prior = None if prior_tokens is None else ConditionalMean(cond_dim, prior_tokens, channels, side)
         self.cond_proj = condition_projection(cond_dim, cfg.hidden_size)
-        self.dit = head_dit(cfg, channels * (1 if self.prior is None else 2), side)
-        head_dim = cfg.hidden_size // cfg.num_heads
+        self.dit = head_dit(cfg, channels * (1 if self.prior is None else 2), side, patch)
+        head_dim, tokens = cfg.hidden_size // cfg.num_heads, side // patch
         self.register_buffer(
-            "rope", torch.view_as_real(get_2d_rotary_pos_embed_lumina(head_dim, side, side)), persistent=False
+            "rope", torch.view_as_real(get_2d_rotary_pos_embed_lumina(head_dim, tokens, tokens)), persistent=False
         )
 
     def forward(

@@ -92,11 +92,12 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKL:
     )
 
 
-def build_lumina(cfg: DiTConfig, channels: int, side: int, cond_dim: int) -> LuminaNextDiT2DModel:
-    """The BLIP3-o generation DiT: Lumina-Next with cross-attention, patch size 1 over a (channels, side, side) map."""
+def build_lumina(cfg: DiTConfig, channels: int, side: int, cond_dim: int, patch: int = 1) -> LuminaNextDiT2DModel:
+    """The BLIP3-o generation DiT: Lumina-Next with cross-attention over a (channels, side, side) map cut into
+    ``patch``×``patch`` tokens (1 for CLIP maps, as officially)."""
     return LuminaNextDiT2DModel(
         sample_size=side,
-        patch_size=1,
+        patch_size=patch,
         in_channels=channels,
         hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers,

@@ -13,6 +13,7 @@ sequential recipe; or everything trainable with understanding batches mixed in: 
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Callable
 from functools import cached_property
@@ -28,7 +29,7 @@ from blip3o.data.processing import generation_inputs, to_pixels, understanding_i
 from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
-from blip3o.models.build import Encoders, build_blip3o, load_weights
+from blip3o.models.build import Encoders, build_blip3o, grounding_width, load_weights
 from blip3o.models.heads import PixelDecoder, map_to_tokens
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import GENERATION_PARTS
@@ -155,15 +156,17 @@ class ClipTask(StageTask):
         self.local_weight, self.shift_weight = local_weight, shift_weight
 
     def build_model(self) -> nn.Module:
-        return TaggedSiglip(
-            build_clip(self.cfg.vision, len(self.tokenizer)), len(SHAPES), NUM_CLASS_IDS + NUM_COLOUR_IDS
-        )
+        vision = self.cfg.vision
+        clip = build_clip(vision, len(self.tokenizer))
+        return TaggedSiglip(clip, len(SHAPES), grounding_width(vision.grounding_cells))
 
     @cached_property
     def grounding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-patch class and colour ids of every training image (:func:`grounding_targets`), built at
-        the first batch."""
-        return grounding_targets(self.data.meta, self.cfg.vision.grid)
+        """Class and colour ids of every training image's patches, or of each patch's cells (B, g·g·c²), patch
+        by patch (:func:`grounding_targets`, :func:`patch_cells`), built at the first batch."""
+        cells = self.cfg.vision.grounding_cells
+        fine = grounding_targets(self.data.meta, self.cfg.vision.grid * cells)
+        return tuple(patch_cells(ids, cells) for ids in fine)  # type: ignore[return-value]
 
     @cached_property
     def empty(self) -> torch.Tensor:
@@ -200,6 +203,7 @@ class ClipTask(StageTask):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits, tag_logits, patch_logits, offsets, moved = model(batch["input_ids"], batch["pixels"], batch["shifted"])
         b, k = logits.shape[0], NUM_CLASS_IDS
+        patch_logits = patch_logits.reshape(b, -1, NUM_CLASS_IDS + NUM_COLOUR_IDS)  # one row per patch cell
         contrastive = sigmoid_loss(logits)
         tags = F.binary_cross_entropy_with_logits(tag_logits, batch["tags"])
         grounding = labelled_ce(patch_logits[..., :k], batch["classes"]) + labelled_ce(
@@ -290,6 +294,15 @@ def empty_patches(metas: list[dict[str, Any]], grid: int) -> torch.Tensor:
             rows, cols = (lo < y1) & (hi > y0), (lo < x1) & (hi > x0)
             empty[i] &= ~(rows[:, None] & cols[None, :])
     return empty.flatten(1)
+
+
+def patch_cells(ids: torch.Tensor, cells: int) -> torch.Tensor:
+    """Ids on a fine (g·c)×(g·c) grid (B, (g·c)², row-major) → patch by patch (B, g·g·c²): the c×c cells of
+    patch 0 row by row, then those of patch 1, the order in which a per-patch head emits them
+    (:func:`blip3o.models.heads.cells_to_map` is the inverse for its outputs)."""
+    b, n = ids.shape
+    g = math.isqrt(n) // cells
+    return ids.view(b, g, cells, g, cells).permute(0, 1, 3, 2, 4).reshape(b, -1)
 
 
 def grounding_targets(metas: list[dict[str, Any]], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
