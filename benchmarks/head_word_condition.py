@@ -65,7 +65,8 @@ def main() -> None:
     c, side, _ = cfg.target_shape
     width = gen.dit.hidden_size
     torch.manual_seed(0)
-    model = WordCondition(len(pipe.tokenizer), width, FlowHead(gen.dit, c, side, width, prediction=gen.prediction))
+    head = FlowHead(gen.dit, c, side, width, prediction=gen.prediction, patch=cfg.target_patch)
+    model = WordCondition(len(pipe.tokenizer), width, head)
     g = torch.Generator().manual_seed(0)
 
     def step_loss(step: int) -> torch.Tensor:

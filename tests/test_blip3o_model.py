@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -185,8 +186,12 @@ def test_three_variants_generate_images(tokenizer, target, objective, head):
         assert images[0].tobytes() != images[1].tobytes()
 
 
-def test_batch_of_prompts_equals_prompts_one_at_a_time(tokenizer):
-    pipe = _pipeline(tokenizer, GenerationConfig())
+SELF_CONDITIONED = GenerationConfig(self_condition=True, prediction="sample")
+
+
+@pytest.mark.parametrize("generation", [GenerationConfig(), SELF_CONDITIONED], ids=["plain", "self"])
+def test_batch_of_prompts_equals_prompts_one_at_a_time(tokenizer, generation):
+    pipe = _pipeline(tokenizer, generation)
     prompts = ["a photo of a red circle", "a photo of a blue square left of a green cross"]
     together = pipe(prompts, seed=[11, 42], num_inference_steps=3, decoder_steps=3)
     alone = [pipe(p, seed=s, num_inference_steps=3, decoder_steps=3)[0] for p, s in zip(prompts, [11, 42], strict=True)]
@@ -378,6 +383,63 @@ def test_a_layout_head_with_cells_keeps_the_maps_token_grid():
     v = head(torch.randn(2, 18, 16, 16), torch.rand(2), torch.randn(2, 5, 32))
     hook.remove()
     assert v.shape == (2, 18, 16, 16) and tokens == [64]
+
+
+def test_clean_estimate_inverts_the_straight_path():
+    """x − σ·v is x0 for the straight path's velocity v = ε − x0; with x-prediction the estimate is the
+    DiT's x̂0 itself (σ above the floor)."""
+    from blip3o.config.model import DiTConfig
+
+    torch.manual_seed(0)
+    x0, eps, sigma = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0.9, 0.5, 0.2])
+    x = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+    head = FlowHead(DiTConfig(hidden_size=32, num_layers=1, num_heads=2), 4, 2, 8, self_condition=True)
+    torch.testing.assert_close(head.clean_estimate(x, sigma, eps - x0), x0)
+    sample = FlowHead(DiTConfig(hidden_size=32, num_layers=1, num_heads=2), 4, 2, 8, prediction="sample")
+    y = torch.randn_like(x)
+    torch.testing.assert_close(sample.clean_estimate(x, sigma, (x - y) / sigma.view(-1, 1, 1, 1)), y)
+
+
+def test_self_conditioned_sampling_feeds_each_step_the_previous_steps_estimate():
+    """``SelfConditioned`` inside ``euler_sample`` is the Euler loop written out with x̂0 of step k − 1 as the
+    DiT's extra input at step k (zeros at the first), and the estimate changes the sample."""
+    from blip3o.config.model import DiTConfig
+    from blip3o.diffusion.sampler import euler_sample, sigma_schedule
+    from blip3o.models.heads import SelfConditioned
+
+    torch.manual_seed(0)
+    head = FlowHead(DiTConfig(hidden_size=32, num_layers=1, num_heads=2), 4, 4, 8, self_condition=True).eval()
+    noise, cond = torch.randn(2, 4, 4, 4), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        got = euler_sample(SelfConditioned(head, head), noise, cond, num_steps=4)
+        x, estimate, sigmas = noise.clone(), None, sigma_schedule(4)
+        for s, s_next in itertools.pairwise(sigmas):
+            sigma = s.expand(2)
+            v = head(x, sigma, cond, estimate=estimate)
+            estimate = x - s * v
+            x = x + (s_next - s) * v
+        plain = euler_sample(head, noise, cond, num_steps=4)
+    torch.testing.assert_close(got, x)
+    assert not torch.allclose(got, plain, atol=1e-4)
+
+
+def test_self_conditioned_training_gives_marked_rows_the_heads_own_estimate(tokenizer):
+    """In training, rows marked in ``self_cond`` get the head's no-grad x̂0 for the same x_σ as input, the
+    others zeros, and only the second pass carries gradient."""
+    pipe = _pipeline(tokenizer, GenerationConfig(self_condition=True))
+    model, head = pipe.model.eval(), pipe.model.head
+    ids, mask = generation_inputs(tokenizer, ["a photo of a red circle", "a photo of two stars"])
+    x, sigma = torch.randn(2, *pipe.cfg.target_shape), torch.tensor([0.8, 0.3])
+    inputs = dict(input_ids=ids, attention_mask=mask, x=x, sigma=sigma, keep=torch.ones(2))
+    v = model("generate", **inputs, self_cond=torch.tensor([True, False]))
+    with torch.no_grad():
+        cond = model.condition(ids, mask)
+        estimate = head.clean_estimate(x, sigma, head(x, sigma, cond))
+        first = head(x[:1], sigma[:1], cond[:1], estimate=estimate[:1])
+        second = head(x[1:], sigma[1:], cond[1:])
+    torch.testing.assert_close(v[:1], first, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v[1:], second, rtol=1e-4, atol=1e-5)
+    assert v.requires_grad and not torch.allclose(v[:1], head(x[:1], sigma[:1], cond[:1]).detach(), atol=1e-4)
 
 
 def test_flow_head_starts_with_its_cross_attention_open():
@@ -581,7 +643,7 @@ def test_clip_weights_with_a_grounding_head_of_another_width_are_refused(tmp_pat
     save_file(state, tmp_path / "clip.safetensors")
     save_file({f"vae.{k}": v for k, v in build_vae(cfg.vae).state_dict().items()}, tmp_path / "vae.safetensors")
     weights = tmp_path / "clip.safetensors", tmp_path / "vae.safetensors"
-    with pytest.raises(ValueError, match="grounding head has 18 outputs, and vision.grounding_cells=2 needs 72"):
+    with pytest.raises(ValueError, match=r"grounding head has 18 outputs, and vision\.grounding_cells=2 needs 72"):
         Encoders.from_weights(cfg, len(tokenizer), *weights, unit_scales(cfg))
 
 

@@ -159,6 +159,10 @@ class GenerationConfig:
     prior: bool = False
     """Give the flow head a regressed conditional mean E[map | prompt] as extra input channels (and, with
     x-prediction, as the base of its x̂0), trained by its own MSE (:class:`blip3o.models.heads.FlowHead`)."""
+    self_condition: bool = False
+    """Self-conditioning (Analog Bits, Chen et al. 2022): the DiT also reads an earlier estimate of the clean
+    map, its own no-grad one for half of the training rows and the previous step's when sampling
+    (:class:`blip3o.models.heads.FlowHead`)."""
     prior_weight: float = 1.0
     """Weight of the prior's MSE beside the flow loss."""
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
@@ -180,6 +184,8 @@ class GenerationConfig:
             raise ConfigError(
                 "a prior is an input of the flow head; the MSE head is one already", key="generation.prior"
             )
+        if self.self_condition and self.objective != "flow":
+            raise ConfigError("self-conditioning is an input of the flow head", key="generation.self_condition")
         if self.objective == "mse" and self.target != "clip":
             raise ConfigError("the MSE objective regresses CLIP features; use target=clip", key="generation.objective")
         if self.condition != "queries":

@@ -26,7 +26,7 @@ from blip3o.data.processing import chat_inputs, generation_inputs, to_images, to
 from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
 from blip3o.diffusion.sampler import euler_sample
 from blip3o.models.build import Encoders, build_blip3o, load_weights
-from blip3o.models.heads import PixelDecoder, map_to_tokens, snap_layout
+from blip3o.models.heads import PixelDecoder, SelfConditioned, map_to_tokens, snap_layout
 from blip3o.models.unified import GENERATION_PARTS, BLIP3o
 from blip3o.world.spec import NUM_CLASS_IDS
 
@@ -169,8 +169,11 @@ class BLIP3oPipeline:
             target = self.model.regress(cond)
         else:
             noise = seeded_noise(self.cfg.target_shape, all_seeds)
+            velocity = self.model.velocity
+            if gen.self_condition:
+                velocity = SelfConditioned(velocity, self.model.head)
             target = euler_sample(
-                self.model.velocity,
+                velocity,
                 noise,
                 cond,
                 uncond=torch.zeros_like(cond),

@@ -178,7 +178,14 @@ def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:
         gen = cfg.generation
         prior = gen.num_queries if gen.prior else None
         head = FlowHead(
-            gen.dit, channels, side, width, prediction=gen.prediction, prior_tokens=prior, patch=cfg.target_patch
+            gen.dit,
+            channels,
+            side,
+            width,
+            prediction=gen.prediction,
+            prior_tokens=prior,
+            patch=cfg.target_patch,
+            self_condition=gen.self_condition,
         )
     projector = Projector(cfg.vision.hidden_size, width, cfg.vision.grid if cfg.backbone.image_positions else None)
     return BLIP3o(

@@ -19,6 +19,7 @@ sinusoidal embedding barely changes over the whole range: its fastest frequency 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,10 @@ class FlowHead(nn.Module):
     as narrow as its tokens cannot carry the full-rank noise that v = ε − x0 contains, while x0 lies on
     the low-dimensional set of real maps.
 
-    ``patch``: the DiT's patch size (a token covers patch×patch entries of the map).
+    ``patch``: the DiT's patch size (a token covers patch×patch entries of the map). ``self_condition``: the
+    DiT also reads an earlier estimate x̂0 of the clean map as C more input channels (zeros when there is
+    none), as in Analog Bits (Chen et al. 2022): training feeds it the head's own no-grad estimate for
+    half of the rows, sampling the previous step's (:class:`SelfConditioned`).
 
     ``prior_tokens=N`` (the condition's length) adds a :class:`ConditionalMean` μ whose map is fed to the
     DiT as C extra input channels at every step, and, with x-prediction, is the base the DiT's output is
@@ -118,14 +122,16 @@ class FlowHead(nn.Module):
         prediction: str = "velocity",
         prior_tokens: int | None = None,
         patch: int = 1,
+        self_condition: bool = False,
     ) -> None:
         super().__init__()
         if prediction not in ("velocity", "sample"):
             raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}")
-        self.prediction, self.channels = prediction, channels
+        self.prediction, self.channels, self.self_condition = prediction, channels, self_condition
         self.prior = None if prior_tokens is None else ConditionalMean(cond_dim, prior_tokens, channels, side)
         self.cond_proj = condition_projection(cond_dim, cfg.hidden_size)
-        self.dit = head_dit(cfg, channels * (1 if self.prior is None else 2), side, patch)
+        inputs = channels * (1 + (self.prior is not None) + self_condition)
+        self.dit = head_dit(cfg, inputs, side, patch)
         head_dim, tokens = cfg.hidden_size // cfg.num_heads, side // patch
         self.register_buffer(
             "rope", torch.view_as_real(get_2d_rotary_pos_embed_lumina(head_dim, tokens, tokens)), persistent=False
@@ -138,16 +144,20 @@ class FlowHead(nn.Module):
         cond: torch.Tensor,
         cond_mask: torch.Tensor | None = None,
         prior: torch.Tensor | None = None,
+        estimate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, C, h, w), σ (B,), cond (B, L, H), cond_mask (B, L) → velocity (B, C, h, w). ``prior``: the
-        prior head's map for ``cond``, if the caller already has it (it is computed otherwise)."""
+        prior head's map for ``cond``, if the caller already has it (it is computed otherwise). ``estimate``:
+        with self-conditioning, an earlier x̂0 for x (zeros when None)."""
         if cond_mask is None:
             cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+        inputs = [x]
         if self.prior is not None:
             prior = self.prior(cond) if prior is None else prior
-            x_in = torch.cat([x, prior], 1)
-        else:
-            x_in = x
+            inputs.append(prior)
+        if self.self_condition:
+            inputs.append(torch.zeros_like(x) if estimate is None else estimate)
+        x_in = torch.cat(inputs, 1)
         rope = torch.view_as_complex(self.rope.float().contiguous())
         out = self.dit(x_in, 1000.0 * sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={}).sample
         out = out[:, : self.channels]
@@ -156,6 +166,26 @@ class FlowHead(nn.Module):
         x0 = out if prior is None else prior + out
         floor = sigma.clamp(min=SAMPLE_SIGMA_FLOOR).view(-1, 1, 1, 1)
         return (x - x0) / floor
+
+    def clean_estimate(self, x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        """The x̂0 a velocity from :meth:`forward` implies: x − σ·v on the straight path (σ floored as in
+        x-prediction), the input self-conditioning feeds back."""
+        s = sigma.clamp(min=SAMPLE_SIGMA_FLOOR) if self.prediction == "sample" else sigma
+        return x - s.view(-1, *[1] * (x.dim() - 1)) * velocity
+
+
+class SelfConditioned:
+    """A flow head's velocity function for :func:`blip3o.diffusion.sampler.euler_sample` that feeds each call
+    the x̂0 of the previous one (zeros at the first step), as a self-conditioned head is sampled (Chen et
+    al. 2022, "Analog Bits"); the CFG branches of a doubled batch keep their own estimates."""
+
+    def __init__(self, velocity: Callable[..., torch.Tensor], head: FlowHead) -> None:
+        self.velocity, self.head, self.estimate = velocity, head, None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        v = self.velocity(x, sigma, cond, estimate=self.estimate)
+        self.estimate = self.head.clean_estimate(x, sigma, v)
+        return v
 
 
 class RegressionHead(nn.Module):

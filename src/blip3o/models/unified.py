@@ -112,7 +112,8 @@ class BLIP3o(nn.Module):
         """Training entry point (FSDP wraps ``forward``): ``"logits"`` or ``"generate"``.
 
         ``generate`` takes input_ids, attention_mask, keep (B,) (1 keeps the condition, 0 drops it for
-        classifier-free guidance) and, for flow heads, x (B, C, h, w) and sigma (B,); it returns the
+        classifier-free guidance) and, for flow heads, x (B, C, h, w), sigma (B,) and, for a self-conditioned
+        head, self_cond (B,) (1: the row gets the head's own no-grad x̂0 as input, 0: zeros); it returns the
         velocity, or the regressed map for the MSE head; a flow head with a prior returns the velocity and
         the prior's map.
         """
@@ -123,15 +124,23 @@ class BLIP3o(nn.Module):
             cond = cond * inputs["keep"].to(cond.dtype)[:, None, None]
             if isinstance(self.head, RegressionHead):
                 return self.regress(cond)
-            if self.head.prior is not None:
-                prior = self.head.prior(cond)
-                return self.head(inputs["x"], inputs["sigma"], cond, prior=prior), prior
-            return self.velocity(inputs["x"], inputs["sigma"], cond)
+            x, sigma, head = inputs["x"], inputs["sigma"], self.head
+            prior = head.prior(cond) if head.prior is not None else None
+            estimate = None
+            if head.self_condition and "self_cond" in inputs:  # rows marked 1 see the head's own x̂0
+                with torch.no_grad():
+                    first = head.clean_estimate(x, sigma, head(x, sigma, cond, prior=prior))
+                estimate = first * inputs["self_cond"].to(first.dtype).view(-1, *[1] * (x.dim() - 1))
+            v = head(x, sigma, cond, prior=prior, estimate=estimate)
+            return (v, prior) if prior is not None else v
         raise ValueError(f"unknown mode {mode!r}; allowed: 'logits', 'generate'")
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The generation head's velocity for x_σ (B, C, h, w) given the query condition (B, N, D)."""
-        return self.head(x, sigma, cond)
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, estimate: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The generation head's velocity for x_σ (B, C, h, w) given the query condition (B, N, D) and, for a
+        self-conditioned head, an earlier x̂0 (``estimate``)."""
+        return self.head(x, sigma, cond, estimate=estimate)
 
     def regress(self, cond: torch.Tensor) -> torch.Tensor:
         """CLIP + MSE: the predicted feature map (B, C, h, w)."""

@@ -512,12 +512,10 @@ class GenerationTask(StageTask):
         rng = random.Random(f"{self.seed}-gen-{step}-{micro}-{rank}")
         texts = [asked_text(self.data.meta[i], self.prompt_fraction, rng) for i in idx]
         ids, mask = generation_inputs(self.tokenizer, texts)
-        out = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "x0": self.targets[idx],
-            "seed": self.generator(step, micro, rank),
-        }
+        seed = self.generator(step, micro, rank)
+        out = {"input_ids": ids, "attention_mask": mask, "x0": self.targets[idx], "seed": seed}
+        if self.cfg.generation.self_condition:  # half of the rows see the head's own estimate
+            out["self_cond"] = torch.rand(len(idx), generator=side_generator(seed)) < 0.5
         if self.joint_weight > 0:
             out["und"] = understanding_batch(
                 self.data,
@@ -540,6 +538,7 @@ class GenerationTask(StageTask):
             x=x_t,
             sigma=sigma,
             keep=keep,
+            **({"self_cond": batch["self_cond"]} if "self_cond" in batch else {}),
         )
         pred, prior = pred if gen.prior else (pred, None)
         gen_loss = flow_loss(pred, target) if gen.objective == "flow" else flow_loss(pred, x0)
