@@ -38,7 +38,15 @@ from blip3o.models.build import Encoders, load_weights
 from blip3o.models.heads import map_to_tokens
 from blip3o.models.image_tokenizer import ImageTokenizer, codebook_usage, perplexity
 from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary, condition_positions
-from blip3o.train.tasks import StageTask, asked_text, causal_lm_loss, conversation, encode_in_chunks, flow_step
+from blip3o.train.tasks import (
+    StageTask,
+    asked_text,
+    causal_lm_loss,
+    conversation,
+    encode_in_chunks,
+    flow_step,
+    side_generator,
+)
 
 
 def build_image_tokenizer(cfg: NextConfig, enc_cfg) -> ImageTokenizer:
@@ -235,7 +243,7 @@ class NextTask(StageTask):
     def corrupt(self, rows: dict[str, torch.Tensor], first_edit: int, seed: int) -> torch.Tensor:
         """Input ids with ``edit_corruption`` of the written codes of rows ``first_edit``… (the edit rows)
         replaced by uniformly drawn codes; labels are left as they are."""
-        g = torch.Generator().manual_seed(seed + 1)
+        g = side_generator(seed)  # not seed + 1, which is the next rank's flow-noise seed
         ids = rows["input_ids"].clone()
         written = condition_positions(ids, rows["attention_mask"], self.vocab) & self.vocab.is_code(ids)
         written[:first_edit] = False
