@@ -21,15 +21,13 @@ from blip3o.models.unified import BLIP3o
 from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
 
 GROUNDING_PREFIX = "patches."
+"""Where a clip stage's checkpoint keeps the mini-CLIP's per-patch grounding head (``TaggedSiglip.patches``)."""
 
 
 def grounding_width(cells: int) -> int:
     """Outputs of the mini-CLIP's per-patch grounding head: class and colour logits for each of a patch's
     ``cells``×``cells`` cells."""
     return cells * cells * (NUM_CLASS_IDS + NUM_COLOUR_IDS)
-
-
-"""Where a clip stage's checkpoint keeps the mini-CLIP's per-patch grounding head (``TaggedSiglip.patches``)."""
 
 
 def load_weights(module: nn.Module, path: str | Path, prefix: str = "", skip: tuple[str, ...] = ()) -> nn.Module:
@@ -105,11 +103,10 @@ class Encoders:
         vae = load_weights(build_vae(cfg.vae), vae_weights, prefix="vae.")
         grounding = None
         with safe_open(str(clip_weights), "pt") as f:
-            keys = list(f.keys())
-        if any(k.startswith(GROUNDING_PREFIX) for k in keys):
+            head = GROUNDING_PREFIX + "weight"
+            stored = f.get_slice(head).get_shape()[0] if head in f.keys() else None
+        if stored is not None:
             width, cells = grounding_width(cfg.vision.grounding_cells), cfg.vision.grounding_cells
-            with safe_open(str(clip_weights), "pt") as f:
-                stored = f.get_slice(GROUNDING_PREFIX + "weight").get_shape()[0]
             if stored != width:
                 raise ValueError(
                     f"{clip_weights}: the grounding head has {stored} outputs, and vision.grounding_cells={cells} "
