@@ -103,8 +103,8 @@ class Encoders:
         vae = load_weights(build_vae(cfg.vae), vae_weights, prefix="vae.")
         grounding = None
         with safe_open(str(clip_weights), "pt") as f:
-            head = GROUNDING_PREFIX + "weight"
-            stored = f.get_slice(head).get_shape()[0] if head in f.keys() else None
+            head, keys = GROUNDING_PREFIX + "weight", set(f.keys())
+            stored = f.get_slice(head).get_shape()[0] if head in keys else None
         if stored is not None:
             width, cells = grounding_width(cfg.vision.grounding_cells), cfg.vision.grounding_cells
             if stored != width:
