@@ -7,18 +7,32 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import LuminaNextDiT2DModel, SanaTransformer2DModel
 from transformers import Qwen3ForCausalLM
 
-from blip3o.config.model import GenerationConfig, ModelConfig
+from blip3o.config.checks import ConfigError
+from blip3o.config.model import DiTConfig, GenerationConfig, ModelConfig
 from blip3o.data.processing import generation_inputs, understanding_inputs
 from blip3o.data.tokenizer import train_bpe_tokenizer
 from blip3o.infer.pipeline import BLIP3oPipeline
 from blip3o.models.build import Encoders, build_blip3o, unit_scales
-from blip3o.models.heads import CROSS_GATE_INIT, FlowHead, PixelDecoder, RegressionHead
+from blip3o.models.heads import (
+    CELL_FACTORS,
+    CROSS_GATE_INIT,
+    LAYOUT_VOCAB,
+    FlowHead,
+    MaskedHead,
+    PixelDecoder,
+    RegressionHead,
+    cell_inputs,
+    cell_log_probs,
+    ids_to_layout,
+)
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import positions_from_mask
 from blip3o.train.tasks import causal_lm_loss, sigmoid_loss
+from blip3o.world.spec import COLOR_NAMES, NUM_CLASS_IDS, NUM_COLOUR_IDS, SHAPES
 
 TEXTS = [
     "a photo of a red circle",
@@ -45,7 +59,7 @@ def _pipeline(tokenizer, generation: GenerationConfig) -> BLIP3oPipeline:
     enc = Encoders(clip.vision_model, build_vae(cfg.vae), cfg.vision.pool, unit_scales(cfg))
     model = build_blip3o(cfg, tokenizer, enc.vision)
     c, side, _ = cfg.latent_shape
-    decoder = PixelDecoder(cfg.decoder, c, side, cfg.vision.hidden_size) if generation.target == "clip" else None
+    decoder = PixelDecoder(cfg.decoder, c, side, cfg.decoder_channels) if generation.target != "latent" else None
     return BLIP3oPipeline(cfg, model, tokenizer, enc, decoder)
 
 
@@ -187,9 +201,12 @@ def test_three_variants_generate_images(tokenizer, target, objective, head):
 
 
 SELF_CONDITIONED = GenerationConfig(self_condition=True, prediction="sample")
+DISCRETE = GenerationConfig(target="layout", objective="discrete")
 
 
-@pytest.mark.parametrize("generation", [GenerationConfig(), SELF_CONDITIONED], ids=["plain", "self"])
+@pytest.mark.parametrize(
+    "generation", [GenerationConfig(), SELF_CONDITIONED, DISCRETE], ids=["plain", "self", "discrete"]
+)
 def test_batch_of_prompts_equals_prompts_one_at_a_time(tokenizer, generation):
     pipe = _pipeline(tokenizer, generation)
     prompts = ["a photo of a red circle", "a photo of a blue square left of a green cross"]
@@ -282,7 +299,6 @@ def test_locality_loss_is_the_share_of_map_variance_in_empty_patches():
 def test_shift_pixels_moves_each_image_by_its_own_offset_with_replicated_edges():
     """Every output image is the edge-replicated image cropped at some (dy, dx) within the allowed shift,
     found by hand; different images get different offsets; a shift of 0 is the identity."""
-    import torch.nn.functional as F
 
     from blip3o.train.tasks import shift_pixels
 
@@ -351,7 +367,6 @@ def test_grounding_head_reads_every_patch_and_its_targets_are_the_boxes_covering
 def test_grounding_cells_are_the_fine_grids_boxes_in_the_order_a_per_patch_head_emits_them():
     """With 2×2 cells per patch the clip stage's targets are the 16×16 grid's box labels, patch by patch;
     one-hot logits in that order, read back by ``cells_to_map``, give the fine grid again."""
-    import torch.nn.functional as F
 
     from blip3o.models.heads import cells_to_map
     from blip3o.train.tasks import grounding_targets, patch_cells
@@ -388,7 +403,6 @@ def test_a_layout_head_with_cells_keeps_the_maps_token_grid():
 def test_clean_estimate_inverts_the_straight_path():
     """x − σ·v is x0 for the straight path's velocity v = ε − x0; with x-prediction the estimate is the
     DiT's x̂0 itself (σ above the floor)."""
-    from blip3o.config.model import DiTConfig
 
     torch.manual_seed(0)
     x0, eps, sigma = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0.9, 0.5, 0.2])
@@ -403,7 +417,6 @@ def test_clean_estimate_inverts_the_straight_path():
 def test_self_conditioned_sampling_feeds_each_step_the_previous_steps_estimate():
     """``SelfConditioned`` inside ``euler_sample`` is the Euler loop written out with x̂0 of step k − 1 as the
     DiT's extra input at step k (zeros at the first), and the estimate changes the sample."""
-    from blip3o.config.model import DiTConfig
     from blip3o.diffusion.sampler import euler_sample, sigma_schedule
     from blip3o.models.heads import SelfConditioned
 
@@ -446,7 +459,6 @@ def test_flow_head_starts_with_its_cross_attention_open():
     """diffusers starts Lumina-Next's cross-attention gates at 0, so an untrained DiT sees its condition only
     through the pooled caption embedding. The head opens them: tokens with the same mean but different
     content give a different velocity at initialisation, as they do not with the library's zero gates."""
-    from blip3o.config.model import DiTConfig
 
     torch.manual_seed(0)
     head = FlowHead(DiTConfig(), channels=8, side=4, cond_dim=32).eval()
@@ -470,7 +482,6 @@ def test_flow_head_feeds_lumina_the_scheduler_timestep():
     """The head gives Lumina-Next t = 1000·σ (the official BLIP3-o convention): the library call with that
     timestep gives the same velocity, and the time embedding tells noise levels apart, which t = 1 − σ
     ∈ [0, 1] hardly does (σ = 0.5 and 0.45 differ by 1 % of the embedding's norm)."""
-    from blip3o.config.model import DiTConfig
 
     torch.manual_seed(0)
     head = FlowHead(DiTConfig(), channels=8, side=4, cond_dim=32).eval()
@@ -488,7 +499,6 @@ def test_flow_head_feeds_lumina_the_scheduler_timestep():
 def test_sample_predicting_head_returns_the_velocity_of_its_clean_map():
     """With ``prediction="sample"`` the DiT's output is x̂0 and the head returns (x_σ − x̂0)/max(σ, floor):
     checked against the library call, and a DiT that outputs the true x0 gives the true velocity ε − x0."""
-    from blip3o.config.model import DiTConfig
     from blip3o.diffusion.flow import interpolate, velocity_target
     from blip3o.models.heads import SAMPLE_SIGMA_FLOOR
 
@@ -537,7 +547,6 @@ def test_condition_norm_standardises_the_query_states_over_the_data(tokenizer):
 def test_prior_head_feeds_its_regressed_map_to_the_dit_and_builds_on_it():
     """With a prior the DiT reads [x_σ, μ(cond)] and, with x-prediction, x̂0 = μ + its output: checked against
     the library call for both predictions, and a given prior map is used instead of recomputing it."""
-    from blip3o.config.model import DiTConfig
     from blip3o.models.heads import SAMPLE_SIGMA_FLOOR
 
     torch.manual_seed(0)
@@ -560,7 +569,7 @@ def test_prior_head_feeds_its_regressed_map_to_the_dit_and_builds_on_it():
             torch.testing.assert_close(head(x, sigma, cond, prior=prior), expected)
 
 
-def test_prior_needs_the_flow_head_and_the_mse_head_one_query_per_target_token():
+def test_the_mse_head_takes_no_prior_and_needs_one_query_per_target_token():
     from blip3o.config import resolve
     from blip3o.config.checks import ConfigError
 
@@ -587,6 +596,28 @@ def test_conditional_mean_reads_the_standardised_pooled_condition():
     torch.testing.assert_close(prior(5 + 3 * cond), prior(cond), rtol=1e-4, atol=1e-4)
     prior.eval()
     torch.testing.assert_close(prior(cond)[:1], prior(cond[:1]))
+
+
+def test_kept_row_norm_is_batch_norm_over_the_kept_rows_and_keeps_dropped_rows_at_zero():
+    """On the kept rows it standardises and tracks running statistics exactly as ``BatchNorm1d`` does on those
+    rows alone; dropped (all-zero) rows come out zero, in training and at inference."""
+    from blip3o.models.heads import KeptRowNorm
+
+    torch.manual_seed(0)
+    x = 3 + 2 * torch.randn(8, 5)
+    x[[2, 5]] = 0
+    kept = torch.tensor([0, 1, 3, 4, 6, 7])
+    ours, ref = KeptRowNorm(5), torch.nn.BatchNorm1d(5, affine=False)
+    out = ours(x)
+    torch.testing.assert_close(out[kept], ref(x[kept]))
+    assert torch.all(out[[2, 5]] == 0)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours(torch.zeros(3, 5))  # a batch of dropped rows leaves the statistics alone
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x)[kept], ref(x[kept]))
+    assert torch.all(ours(x)[[2, 5]] == 0)
 
 
 def test_snap_layout_takes_each_patchs_best_class_and_an_objects_best_colour():
@@ -671,3 +702,54 @@ def test_layout_encoder_snaps_the_grounding_heads_reading_of_the_raw_map(tokeniz
     bare = Encoders(clip.vision_model, build_vae(cfg.vae), cfg.vision.pool, scales)
     with pytest.raises(ValueError, match="per-patch grounding head"):
         bare.layout(pixels)
+
+
+def test_masked_head_reads_cells_by_their_factors_and_returns_the_dits_factored_log_probabilities():
+    head = MaskedHead(DiTConfig(hidden_size=32, num_layers=1, num_heads=2), 4, 8, patch=2, prior_tokens=3).eval()
+    ids = torch.randint(0, LAYOUT_VOCAB + 1, (2, 4, 4))
+    cond, sigma = torch.randn(2, 3, 8), torch.tensor([0.3, 1.0])
+    rope = torch.view_as_complex(head.rope.float().contiguous())
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    out = head.dit(
+        cell_inputs(ids).float(), 1000 * sigma, head.cond_proj(cond), mask, rope, cross_attention_kwargs={}
+    ).sample
+    want = cell_log_probs(out[:, :CELL_FACTORS] + head.prior(cond))
+    torch.testing.assert_close(head(ids, sigma, cond), want)
+    assert head.mask_id == LAYOUT_VOCAB and head.dit.config.in_channels == CELL_FACTORS + 1
+
+
+def test_cell_factors_give_each_id_its_class_and_colour():
+    """cell_inputs writes an id's class and colour one-hot (a mask bit for the mask id), and cell_log_probs
+    gives each id the log-probability of its class plus that of its colour, a distribution over the ids."""
+    ids = torch.arange(LAYOUT_VOCAB + 1).view(1, 1, -1)
+    x = cell_inputs(ids)[0, :, 0].T  # (ids, channels)
+    layout = ids_to_layout(ids[..., :-1])[0, :, 0].T  # the ±1 one-hot layout of the real ids
+    assert torch.equal(x[:-1, :NUM_CLASS_IDS], (layout[:, :NUM_CLASS_IDS] > 0).long())
+    assert torch.equal(x[:-1, NUM_CLASS_IDS:CELL_FACTORS], (layout[:, NUM_CLASS_IDS + 1 :] > 0).long())
+    assert torch.equal(x[:, -1], (ids[0, 0] == LAYOUT_VOCAB).long()) and x[-1].sum() == 1
+    factors = torch.randn(2, CELL_FACTORS, 3, 3)
+    logp = cell_log_probs(factors)
+    torch.testing.assert_close(logp.exp().sum(1), torch.ones(2, 3, 3))
+    kind, colour = factors[:, :NUM_CLASS_IDS].log_softmax(1), factors[:, NUM_CLASS_IDS:].log_softmax(1)
+    red_star = 1 + (SHAPES.index("star")) * (NUM_COLOUR_IDS - 1) + COLOR_NAMES.index("red")
+    torch.testing.assert_close(
+        logp[:, red_star], kind[:, 1 + SHAPES.index("star")] + colour[:, COLOR_NAMES.index("red")]
+    )
+    star = ids_to_layout(torch.full((1, 1, 1), red_star))[0, :, 0, 0]
+    assert star[1 + SHAPES.index("star")] == 1 and star[NUM_CLASS_IDS + 1 + COLOR_NAMES.index("red")] == 1
+    torch.testing.assert_close(logp[:, 0], kind[:, 0])
+
+
+def test_a_discrete_head_generates_from_the_unmasking_sampler_and_decodes_its_layout(tokenizer):
+    pipe = _pipeline(tokenizer, DISCRETE)
+    assert isinstance(pipe.model.head, MaskedHead) and pipe.model.head.vocab == LAYOUT_VOCAB
+    seen = []
+    decode = pipe.decode_features
+    pipe.decode_features = lambda features, *args: seen.append(features) or decode(features, *args)
+    ids, mask = generation_inputs(tokenizer, ["a photo of two stars"] * 2)
+    cells = pipe.sample_cells(pipe.model.condition(ids, mask), [3, 4], steps=3)
+    images = pipe("a photo of two stars", num_images=2, seed=3, num_inference_steps=3, decoder_steps=2)
+    assert len(images) == 2 and images[0].size == (64, 64)
+    assert torch.equal(seen[0], ids_to_layout(cells)) and not torch.equal(cells[0], cells[1])
+    with pytest.raises(ConfigError, match="target=layout"):
+        GenerationConfig(objective="discrete")

@@ -405,3 +405,45 @@ def test_a_layout_run_trains_on_the_grounded_reading_and_decodes_snapped_samples
     capsys.readouterr()
     assert main(["eval", "reconstruction", str(tmp_path), "--n", "2"]) == 0
     assert "by the pixel decoder from their layouts" in capsys.readouterr().out
+
+
+def test_a_discrete_layout_head_trains_on_masked_cells_and_generates(tiny_run, tmp_path):
+    """``generation.objective=discrete``: the stage trains the masked head by the masked cells' cross-entropy,
+    which falls, plus (with ``prior``) the prior logits' cross-entropy on every cell with its weight; the run
+    samples images through the pipeline."""
+    from blip3o.diffusion.flow import sample_sigmas
+    from blip3o.diffusion.masked import masked_ce
+    from blip3o.models.heads import MaskedHead, cell_log_probs, layout_to_ids
+    from blip3o.train.recipe import make_task
+
+    overrides = [
+        "model.generation.target=layout",
+        "model.generation.objective=discrete",
+        "model.generation.prior=true",
+        "model.generation.prior_weight=0.5",
+    ]
+    for part in ("world", "tokenizer", "clip", "vae", "understanding", "scales.safetensors"):
+        (tmp_path / part).symlink_to(tiny_run / part)
+    task = make_task("generation", resolve("tiny-debug", overrides), tmp_path)
+    model, batch = task.build_model(), task.batch(1, 0, 0, 1)
+    losses = task.loss(model, batch)
+    torch.testing.assert_close(losses["loss"], losses["gen"] + 0.5 * losses["prior"])
+    ids = layout_to_ids(batch["x0"])
+    gen = task.cfg.generation
+    g = torch.Generator().manual_seed(batch["seed"])
+    sample_sigmas(len(ids), generator=g, mode=gen.timestep_sampling, shift=gen.shift)
+    keep = (torch.rand(len(ids), generator=g) >= gen.cond_dropout).float()
+    with torch.no_grad():  # the prior's loss reads every cell, masked or not
+        cond = model.condition(batch["input_ids"], batch["attention_mask"]) * keep[:, None, None]
+        want = masked_ce(cell_log_probs(model.head.prior(cond)), ids, torch.ones_like(ids, dtype=torch.bool))
+    torch.testing.assert_close(losses["prior"], want)
+
+    stages = ["recipe.stages=[decoder,generation]", "recipe.generation.steps=40"]
+    run_recipe(resolve("tiny-debug", [*stages, *overrides]), tmp_path, progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "generation" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["gen"] for m in metrics if "gen" in m]
+    assert np.mean(losses[-5:]) < 0.5 * losses[0] and all("prior" in m for m in metrics if "gen" in m)
+    pipe = BLIP3oPipeline.from_run(tmp_path)
+    assert isinstance(pipe.model.head, MaskedHead) and pipe.model.head.prior is not None
+    images = pipe(["a photo of a star", "a photo of two red circles"], seed=0, num_inference_steps=4)
+    assert len(images) == 2 and images[0].size == images[1].size

@@ -145,7 +145,10 @@ class GenerationConfig:
     patch, or each of its ``vision.grounding_cells``² cells (its per-patch grounding head, one-hot at ±1),
     snapped back to one-hot after sampling so the pixel decoder, trained on the same reading, only ever sees
     the kind of input it was trained on."""
-    objective: Literal["flow", "mse"] = "flow"
+    objective: Literal["flow", "mse", "discrete"] = "flow"
+    """``flow``: flow matching (the paper's); ``mse``: regression of the CLIP map (its ablation);
+    ``discrete``: discrete flow matching with a masked source over a layout's cells, each cell one class in
+    one colour (:mod:`blip3o.diffusion.masked`, :class:`blip3o.models.heads.MaskedHead`)."""
     num_queries: int = 16
     dit: DiTConfig = field(default_factory=DiTConfig)
     cond_dropout: float = 0.1
@@ -158,7 +161,9 @@ class GenerationConfig:
     (x-prediction, Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise")."""
     prior: bool = False
     """Give the flow head a regressed conditional mean E[map | prompt] as extra input channels (and, with
-    x-prediction, as the base of its x̂0), trained by its own MSE (:class:`blip3o.models.heads.FlowHead`)."""
+    x-prediction, as the base of its x̂0), trained by its own MSE (:class:`blip3o.models.heads.FlowHead`);
+    give the discrete head per-cell prior logits log p(cell | prompt), trained by their own cross-entropy
+    (:class:`blip3o.models.heads.MaskedHead`)."""
     self_condition: bool = False
     """Self-conditioning (Analog Bits, Chen et al. 2022): the DiT also reads an earlier estimate of the clean
     map, its own no-grad one for half of the training rows and the previous step's when sampling
@@ -169,6 +174,8 @@ class GenerationConfig:
     shift: float = 1.0
     steps: int = 30
     guidance_scale: float = 3.0
+    temperature: float = 1.0
+    """Sampling temperature of a ``discrete`` head's cells (below 1 sharpens them)."""
     eta: float = 0.0
     """Sampling stochasticity of the head (:func:`blip3o.diffusion.sampler.euler_sample`): 0 is the Euler
     ODE sampler (official), 1 the ancestral one, each image's fresh noise drawn from its own seed."""
@@ -180,12 +187,20 @@ class GenerationConfig:
         check_float("generation.shift", self.shift, gt=0)
         check_int("generation.steps", self.steps, ge=1)
         check_float("generation.prior_weight", self.prior_weight, ge=0)
-        if self.prior and self.objective != "flow":
+        check_float("generation.temperature", self.temperature, gt=0)
+        if self.objective == "discrete" and self.target != "layout":
             raise ConfigError(
-                "a prior is an input of the flow head; the MSE head is one already", key="generation.prior"
+                "the discrete objective samples a layout's cells; use target=layout", key="generation.objective"
             )
-        if self.self_condition and self.objective != "flow":
-            raise ConfigError("self-conditioning is an input of the flow head", key="generation.self_condition")
+        if self.objective != "flow" and (self.self_condition or self.prediction != "velocity"):
+            raise ConfigError(
+                "self_condition and prediction=sample are options of the flow head", key="generation.objective"
+            )
+        if self.prior and self.objective == "mse":
+            raise ConfigError(
+                "a prior is an input of the flow and discrete heads; the MSE head is one already",
+                key="generation.prior",
+            )
         if self.objective == "mse" and self.target != "clip":
             raise ConfigError("the MSE objective regresses CLIP features; use target=clip", key="generation.objective")
         if self.condition != "queries":

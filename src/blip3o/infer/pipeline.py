@@ -24,9 +24,10 @@ from blip3o.config import RunConfig, load_yaml
 from blip3o.config.model import ModelConfig
 from blip3o.data.processing import chat_inputs, generation_inputs, to_images, to_pixels
 from blip3o.data.tokenizer import IM_END_TOKEN, load_tokenizer
+from blip3o.diffusion.masked import gumbel, unmask_sample
 from blip3o.diffusion.sampler import euler_sample
 from blip3o.models.build import Encoders, build_blip3o, load_weights
-from blip3o.models.heads import PixelDecoder, SelfConditioned, map_to_tokens, snap_layout
+from blip3o.models.heads import PixelDecoder, SelfConditioned, ids_to_layout, map_to_tokens, snap_layout
 from blip3o.models.unified import GENERATION_PARTS, BLIP3o
 from blip3o.world.spec import NUM_CLASS_IDS
 
@@ -54,6 +55,11 @@ def noise_stream(shape: Sequence[int], seeds: Sequence[int]):
     from its own generator seeded with its seed, so a batch draws what its rows draw alone."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     return lambda: torch.stack([torch.randn(tuple(shape), generator=g) for g in gens])
+
+
+def seeded_uniform(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """One U[0, 1) tensor of ``shape`` per seed, stacked: (len(seeds), *shape)."""
+    return torch.stack([torch.rand(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -133,12 +139,19 @@ class BLIP3oPipeline:
         return cls(cfg, model, tokenizer, enc, decoder, untrained_head=None if trained else head)
 
     def apply_sampling(self, cfg: RunConfig) -> None:
-        """Take the sampling settings (steps and guidance of the generation head and of the pixel decoder)
-        of ``cfg.model``, e.g. a run config with overrides."""
+        """Take the sampling settings of ``cfg.model`` (the generation head's steps, guidance, schedule shift,
+        η and temperature; the pixel decoder's steps and guidance), e.g. a run config with overrides."""
         gen, dec = cfg.model.generation, cfg.model.decoder
         self.cfg = replace(
             self.cfg,
-            generation=replace(self.cfg.generation, steps=gen.steps, guidance_scale=gen.guidance_scale, eta=gen.eta),
+            generation=replace(
+                self.cfg.generation,
+                steps=gen.steps,
+                guidance_scale=gen.guidance_scale,
+                eta=gen.eta,
+                temperature=gen.temperature,
+                shift=gen.shift,
+            ),
             decoder=replace(self.cfg.decoder, steps=dec.steps, guidance_scale=dec.guidance_scale),
         )
 
@@ -167,6 +180,8 @@ class BLIP3oPipeline:
         cond = self.model.condition(ids, mask)  # (B, N, D)
         if gen.objective == "mse":
             target = self.model.regress(cond)
+        elif gen.objective == "discrete":
+            target = ids_to_layout(self.sample_cells(cond, all_seeds, guidance_scale, num_inference_steps, progress))
         else:
             noise = seeded_noise(self.cfg.target_shape, all_seeds)
             velocity = self.model.velocity
@@ -191,6 +206,32 @@ class BLIP3oPipeline:
         if gen.target == "layout":
             target = snap_layout(target, NUM_CLASS_IDS)
         return to_images(self.decode_features(target, all_seeds, decoder_guidance_scale, decoder_steps, progress))
+
+    def sample_cells(
+        self,
+        cond: torch.Tensor,
+        seeds: Sequence[int],
+        guidance_scale: float | None = None,
+        steps: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """A discrete head's layout cell ids (B, h, w) for the query states (B, N, D), each image's reveal times
+        and Gumbel noise drawn from its own seed (:func:`blip3o.diffusion.masked.unmask_sample`)."""
+        gen, head = self.cfg.generation, self.model.head
+        _, side, _ = self.cfg.target_shape
+        return unmask_sample(
+            head,
+            seeded_uniform((side, side), seeds),
+            gumbel(seeded_uniform((head.vocab, side, side), [s + STEP_NOISE_OFFSET for s in seeds])),
+            cond,
+            mask_id=head.mask_id,
+            uncond=torch.zeros_like(cond),
+            num_steps=steps or gen.steps,
+            guidance_scale=gen.guidance_scale if guidance_scale is None else guidance_scale,
+            temperature=gen.temperature,
+            shift=gen.shift,
+            progress=progress,
+        )
 
     @torch.no_grad()
     def decode_features(

@@ -15,7 +15,14 @@ from torch import nn
 from blip3o.config.model import ModelConfig
 from blip3o.data.processing import to_pixels
 from blip3o.data.tokenizer import IMAGE_TOKEN
-from blip3o.models.heads import FlowHead, RegressionHead, cells_to_map, snap_layout, tokens_to_map
+from blip3o.models.heads import (
+    FlowHead,
+    MaskedHead,
+    RegressionHead,
+    cells_to_map,
+    snap_layout,
+    tokens_to_map,
+)
 from blip3o.models.parts import Projector, build_backbone, build_clip, build_vae
 from blip3o.models.unified import BLIP3o
 from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
@@ -171,6 +178,10 @@ def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:
     channels, side, _ = cfg.target_shape
     if cfg.generation.objective == "mse":
         head: nn.Module = RegressionHead(width, channels, side)
+    elif cfg.generation.objective == "discrete":
+        gen = cfg.generation
+        prior = gen.num_queries if gen.prior else None
+        head = MaskedHead(gen.dit, side, width, cfg.target_patch, prior_tokens=prior)
     else:
         gen = cfg.generation
         prior = gen.num_queries if gen.prior else None

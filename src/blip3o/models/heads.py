@@ -7,6 +7,8 @@
   token of the target feature map.
 - :class:`ConditionalMean` regresses E[map | condition] from the standardised, pooled condition: the
   optional *prior* of a flow head, given to its DiT as extra input channels.
+- :class:`MaskedHead` is the discrete alternative on a layout target: the same DiT reads a map of cell ids,
+  some masked, and predicts each cell's clean id (:mod:`blip3o.diffusion.masked`).
 - :class:`PixelDecoder` wraps diffusers' ``SanaTransformer2DModel`` over VAE latents, conditioned on
   CLIP feature tokens (the official SigLIP2 → SANA reconstruction design).
 
@@ -28,6 +30,7 @@ from torch import nn
 
 from blip3o.config.model import DecoderConfig, DiTConfig
 from blip3o.models.parts import build_lumina, build_sana
+from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
 
 CROSS_GATE_INIT = 1.0
 """Lumina-Next scales each block's cross-attention by tanh(gate), and diffusers starts the gates at 0,
@@ -70,6 +73,27 @@ def snap_layout(scores: torch.Tensor, classes: int) -> torch.Tensor:
     return onehot.permute(0, 3, 1, 2).to(scores.dtype) * 2 - 1
 
 
+LAYOUT_VOCAB = 1 + (NUM_CLASS_IDS - 1) * (NUM_COLOUR_IDS - 1)
+"""Ids of a layout cell: 0 is background, 1 + (class − 1)·colours + (colour − 1) an object's class in its colour."""
+
+
+def layout_to_ids(layout: torch.Tensor) -> torch.Tensor:
+    """A layout's scores (B, classes + colours, h, w), read as :func:`snap_layout` reads them, → cell ids (B, h, w)."""
+    kind = layout[:, :NUM_CLASS_IDS].argmax(1)
+    colour = layout[:, NUM_CLASS_IDS + 1 :].argmax(1)  # 0-based object colour
+    return torch.where(kind > 0, 1 + (kind - 1) * (NUM_COLOUR_IDS - 1) + colour, 0)
+
+
+def ids_to_layout(ids: torch.Tensor) -> torch.Tensor:
+    """Cell ids (B, h, w) → the one-hot layout at ±1 (B, classes + colours, h, w), the inverse of
+    :func:`layout_to_ids` on snapped layouts."""
+    obj = ids > 0
+    kind = torch.where(obj, (ids - 1) // (NUM_COLOUR_IDS - 1) + 1, 0)
+    colour = torch.where(obj, (ids - 1) % (NUM_COLOUR_IDS - 1) + 1, 0)
+    onehot = torch.cat([F.one_hot(kind, NUM_CLASS_IDS), F.one_hot(colour, NUM_COLOUR_IDS)], -1)
+    return onehot.permute(0, 3, 1, 2).float() * 2 - 1
+
+
 def condition_projection(in_dim: int, out_dim: int) -> nn.Sequential:
     """PixArt-α's caption projection, as used by BLIP3-o before its DiT."""
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(approximate="tanh"), nn.Linear(out_dim, out_dim))
@@ -91,7 +115,30 @@ def head_dit(cfg: DiTConfig, in_channels: int, side: int, patch: int = 1) -> nn.
     return dit
 
 
-class FlowHead(nn.Module):
+class ConditionedDiT(nn.Module):
+    """The generation heads' common part: the condition projection and :func:`head_dit` over ``in_channels``
+    input channels, with the DiT's 2-D RoPE for its token grid."""
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, side: int, cond_dim: int, patch: int) -> None:
+        super().__init__()
+        self.cond_proj = condition_projection(cond_dim, cfg.hidden_size)
+        self.dit = head_dit(cfg, in_channels, side, patch)
+        head_dim, tokens = cfg.hidden_size // cfg.num_heads, side // patch
+        self.register_buffer(
+            "rope", torch.view_as_real(get_2d_rotary_pos_embed_lumina(head_dim, tokens, tokens)), persistent=False
+        )
+
+    def run_dit(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The DiT's output (B, in_channels, h, w) for input channels x at σ (timestep 1000·σ) given cond (B, L, H)."""
+        if cond_mask is None:
+            cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+        rope = torch.view_as_complex(self.rope.float().contiguous())
+        return self.dit(x, 1000.0 * sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={}).sample
+
+
+class FlowHead(ConditionedDiT):
     """Velocity network over a (C, h, w) map conditioned on (B, L, H) hidden states.
 
     ``prediction="velocity"``: the DiT outputs v̂ directly. ``prediction="sample"``: it outputs the clean
@@ -124,18 +171,12 @@ class FlowHead(nn.Module):
         patch: int = 1,
         self_condition: bool = False,
     ) -> None:
-        super().__init__()
         if prediction not in ("velocity", "sample"):
             raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}")
+        inputs = channels * (1 + (prior_tokens is not None) + self_condition)
+        super().__init__(cfg, inputs, side, cond_dim, patch)
         self.prediction, self.channels, self.self_condition = prediction, channels, self_condition
         self.prior = None if prior_tokens is None else ConditionalMean(cond_dim, prior_tokens, channels, side)
-        self.cond_proj = condition_projection(cond_dim, cfg.hidden_size)
-        inputs = channels * (1 + (self.prior is not None) + self_condition)
-        self.dit = head_dit(cfg, inputs, side, patch)
-        head_dim, tokens = cfg.hidden_size // cfg.num_heads, side // patch
-        self.register_buffer(
-            "rope", torch.view_as_real(get_2d_rotary_pos_embed_lumina(head_dim, tokens, tokens)), persistent=False
-        )
 
     def forward(
         self,
@@ -149,18 +190,13 @@ class FlowHead(nn.Module):
         """x (B, C, h, w), σ (B,), cond (B, L, H), cond_mask (B, L) → velocity (B, C, h, w). ``prior``: the
         prior head's map for ``cond``, if the caller already has it (it is computed otherwise). ``estimate``:
         with self-conditioning, an earlier x̂0 for x (zeros when None)."""
-        if cond_mask is None:
-            cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
         inputs = [x]
         if self.prior is not None:
             prior = self.prior(cond) if prior is None else prior
             inputs.append(prior)
         if self.self_condition:
             inputs.append(torch.zeros_like(x) if estimate is None else estimate)
-        x_in = torch.cat(inputs, 1)
-        rope = torch.view_as_complex(self.rope.float().contiguous())
-        out = self.dit(x_in, 1000.0 * sigma, self.cond_proj(cond), cond_mask, rope, cross_attention_kwargs={}).sample
-        out = out[:, : self.channels]
+        out = self.run_dit(torch.cat(inputs, 1), sigma, cond, cond_mask)[:, : self.channels]
         if self.prediction == "velocity":
             return out
         x0 = out if prior is None else prior + out
@@ -188,6 +224,80 @@ class SelfConditioned:
         return v
 
 
+CELL_FACTORS = NUM_CLASS_IDS + NUM_COLOUR_IDS - 1
+"""A layout cell's factors: its class (background included) and, for an object, its colour."""
+
+
+def cell_inputs(ids: torch.Tensor) -> torch.Tensor:
+    """Cell ids (B, h, w), :data:`LAYOUT_VOCAB` meaning masked, → (B, :data:`CELL_FACTORS` + 1, h, w) input
+    channels in {0, 1}: the class one-hot, the object colour one-hot (none for background) and a mask channel."""
+    masked = ids == LAYOUT_VOCAB
+    obj = (ids > 0) & ~masked
+    kind = torch.where(obj, (ids - 1) // (NUM_COLOUR_IDS - 1) + 1, 0)
+    colour = (ids - 1).clamp_min(0) % (NUM_COLOUR_IDS - 1)
+    x = torch.cat(
+        [
+            F.one_hot(kind, NUM_CLASS_IDS) * ~masked[..., None],
+            F.one_hot(colour, NUM_COLOUR_IDS - 1) * obj[..., None],
+            masked[..., None],
+        ],
+        -1,
+    )
+    return x.permute(0, 3, 1, 2)
+
+
+def cell_log_probs(factors: torch.Tensor) -> torch.Tensor:
+    """Per-cell factor logits (B, :data:`CELL_FACTORS`, h, w) → log-probabilities of the layout ids (B,
+    :data:`LAYOUT_VOCAB`, h, w): log p(background) = log p(class 0), log p(class k in colour c) =
+    log p(class k) + log p(colour c), in :func:`layout_to_ids`' order."""
+    kind = factors[:, :NUM_CLASS_IDS].float().log_softmax(1)
+    colour = factors[:, NUM_CLASS_IDS:].float().log_softmax(1)
+    objects = kind[:, 1:, None] + colour[:, None]  # (B, classes, colours, h, w)
+    return torch.cat([kind[:, :1], objects.flatten(1, 2)], 1)
+
+
+class MaskedHead(ConditionedDiT):
+    """Discrete flow matching on a layout (:mod:`blip3o.diffusion.masked`): the generation head's Lumina-Next DiT
+    reads a (h, w) map of layout cell ids (:data:`LAYOUT_VOCAB` of them, and the mask id) and returns each
+    cell's log-probabilities over the ids, conditioned on the query states as :class:`FlowHead` is; σ (the
+    share of masked cells on the path) is its timestep.
+
+    A cell is read and written by its factors, class and colour (:func:`cell_inputs`, :func:`cell_log_probs`),
+    not as one of 61 unrelated ids: what "red" does is then learnt once for every class, which is what a prompt
+    of a class-colour pair never seen in training (the held-out GenEval prompts of the shapes world) needs.
+
+    ``prior_tokens=N`` (the condition's length) adds a :class:`ConditionalMean` over the factor logits, read
+    from the standardised, pooled condition and added to the DiT's. Trained by its own cross-entropy on every
+    cell, it is log p(cell | prompt), the optimal prediction at σ = 1, from which the first cells are drawn;
+    the DiT adds what the cells revealed so far tell.
+    """
+
+    vocab = LAYOUT_VOCAB
+    mask_id = LAYOUT_VOCAB
+
+    def __init__(
+        self, cfg: DiTConfig, side: int, cond_dim: int, patch: int = 1, prior_tokens: int | None = None
+    ) -> None:
+        super().__init__(cfg, CELL_FACTORS + 1, side, cond_dim, patch)
+        self.prior = None if prior_tokens is None else ConditionalMean(cond_dim, prior_tokens, CELL_FACTORS, side)
+
+    def forward(
+        self, ids: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ids (B, h, w) long, σ (B,), cond (B, L, H) → log-probabilities (B, vocab, h, w), the prior's included."""
+        return self.logits(ids, sigma, cond, cond_mask)[0]
+
+    def logits(
+        self, ids: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probabilities, the prior's alone or None): what training needs to add the prior's own loss."""
+        out = self.run_dit(cell_inputs(ids).to(cond.dtype), sigma, cond, cond_mask)[:, :CELL_FACTORS]
+        if self.prior is None:
+            return cell_log_probs(out), None
+        prior = self.prior(cond)
+        return cell_log_probs(out + prior), cell_log_probs(prior)
+
+
 class RegressionHead(nn.Module):
     """CLIP + MSE: query i's hidden state → token i of the (C, h, w) target map (needs L = h·w queries)."""
 
@@ -203,10 +313,44 @@ class RegressionHead(nn.Module):
         return tokens_to_map(self.net(cond))  # (B, C, h, w)
 
 
+class KeptRowNorm(nn.Module):
+    """``BatchNorm1d`` without affine weights over (B, F) rows, whose statistics leave out the rows that are all
+    zeros (conditions dropped for classifier-free guidance), which it maps to zeros, the data's mean.
+
+    With plain batch norm the dropped tenth of a batch sits far from the rest (a condition is mostly one shared
+    vector) and inflates the variance about fourfold, so the prompt-dependent part comes out at half its size
+    and the dropped rows dominate the statistics. Running statistics (momentum 0.1, unbiased variance) are kept
+    as batch norm keeps them, under the same buffer names.
+    """
+
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(features))
+        self.register_buffer("running_var", torch.ones(features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = (x != 0).any(1, keepdim=True).to(x.dtype)  # (B, 1)
+        if self.training:
+            n = kept.sum()
+            mean = (x * kept).sum(0) / n.clamp_min(1)
+            var = ((x - mean).square() * kept).sum(0) / n.clamp_min(1)
+            with torch.no_grad():  # no host sync: a batch of dropped rows only leaves the statistics as they were
+                m = self.momentum * (n > 0).to(x.dtype)
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(unbiased.detach(), m)
+                self.num_batches_tracked += 1
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) * torch.rsqrt(var + self.eps) * kept
+
+
 class ConditionalMean(nn.Module):
     """E[map | condition] from a (B, N, H) condition: each (token, channel) entry standardised over the data
-    (``BatchNorm1d`` without affine weights: batch statistics in training, running ones at inference),
-    averaged over the N tokens, then an MLP to the whole (C, h, w) map.
+    (:class:`KeptRowNorm`: batch statistics of the kept conditions in training, running ones at inference; a
+    dropped condition stays zeros), averaged over the N tokens, then an MLP to the whole (C, h, w) map.
 
     The standardisation is what makes a backbone trained from scratch readable: its query states are one
     shared vector plus a prompt-dependent part about a fifth of its size. A 512-wide MLP on the standardised
@@ -217,7 +361,7 @@ class ConditionalMean(nn.Module):
     def __init__(self, cond_dim: int, num_tokens: int, channels: int, side: int, hidden: int = 512) -> None:
         super().__init__()
         self.shape = (channels, side, side)
-        self.norm = nn.BatchNorm1d(num_tokens * cond_dim, affine=False)
+        self.norm = KeptRowNorm(num_tokens * cond_dim)
         self.net = nn.Sequential(
             nn.Linear(cond_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels * side * side)
         )

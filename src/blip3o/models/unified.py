@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from blip3o.models.heads import FlowHead, RegressionHead
+from blip3o.models.heads import FlowHead, MaskedHead, RegressionHead
 
 GENERATION_PARTS = ("head.", "queries", "condition_norm.")
 """State-dict prefixes of the generation path: an understanding checkpoint's copies are untrained (or absent)."""
@@ -37,7 +37,7 @@ class BLIP3o(nn.Module):
         backbone: a causal LM (``transformers`` Qwen3/Qwen2-style: ``.model`` decoder and ``.lm_head``).
         vision: a vision tower returning ``last_hidden_state`` (B, P, Dv) (SigLIP).
         projector: maps vision features to the backbone width.
-        head: :class:`FlowHead` or :class:`RegressionHead`.
+        head: :class:`FlowHead`, :class:`MaskedHead` or :class:`RegressionHead`.
         num_queries: N; image_token_id: the placeholder id replaced by vision features.
         condition_norm: standardise each (query, channel) of the condition over the data (batch statistics
             in training, running ones at inference, as ``BatchNorm1d`` without affine weights) before the
@@ -51,7 +51,7 @@ class BLIP3o(nn.Module):
         backbone: PreTrainedModel,
         vision: nn.Module,
         projector: nn.Module,
-        head: FlowHead | RegressionHead,
+        head: FlowHead | MaskedHead | RegressionHead,
         num_queries: int,
         image_token_id: int,
         condition_norm: bool = False,
@@ -115,7 +115,8 @@ class BLIP3o(nn.Module):
         classifier-free guidance) and, for flow heads, x (B, C, h, w), sigma (B,) and, for a self-conditioned
         head, self_cond (B,) (1: the row gets the head's own no-grad x̂0 as input, 0: zeros); it returns the
         velocity, or the regressed map for the MSE head; a flow head with a prior returns the velocity and
-        the prior's map.
+        the prior's map. A masked head takes x as cell ids (B, h, w) and returns per-cell logits (and its prior's, if
+        it has one).
         """
         if mode == "logits":
             return self.logits(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixels"))
@@ -124,6 +125,9 @@ class BLIP3o(nn.Module):
             cond = cond * inputs["keep"].to(cond.dtype)[:, None, None]
             if isinstance(self.head, RegressionHead):
                 return self.regress(cond)
+            if isinstance(self.head, MaskedHead):
+                logits, prior = self.head.logits(inputs["x"], inputs["sigma"], cond)
+                return (logits, prior) if prior is not None else logits
             x, sigma, head = inputs["x"], inputs["sigma"], self.head
             prior = head.prior(cond) if head.prior is not None else None
             estimate = None

@@ -29,8 +29,9 @@ from blip3o.data.processing import generation_inputs, to_pixels, understanding_i
 from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
+from blip3o.diffusion.masked import mask_cells, masked_ce
 from blip3o.models.build import Encoders, build_blip3o, grounding_width, load_weights
-from blip3o.models.heads import PixelDecoder, map_to_tokens
+from blip3o.models.heads import LAYOUT_VOCAB, PixelDecoder, layout_to_ids, map_to_tokens
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import GENERATION_PARTS
 from blip3o.world.prompts import shape_swapped, shapes_named
@@ -529,6 +530,8 @@ class GenerationTask(StageTask):
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         gen = self.cfg.generation
+        if gen.objective == "discrete":
+            return self.with_joint(model, batch, self.masked_loss(model, batch))
         x0 = batch["x0"]
         sigma, x_t, target, keep = flow_step(gen.cond_dropout, gen.shift, gen.timestep_sampling, x0, batch["seed"])
         pred = model(
@@ -548,9 +551,34 @@ class GenerationTask(StageTask):
             prior_loss = flow_loss(prior, x0)
             total = total + gen.prior_weight * prior_loss
             out["prior"] = prior_loss.detach()
+        out["loss"] = total
+        return self.with_joint(model, batch, out)
+
+    def masked_loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Discrete flow matching (:mod:`blip3o.diffusion.masked`): the masked cells' cross-entropy."""
+        gen = self.cfg.generation
+        ids = layout_to_ids(batch["x0"])
+        g = torch.Generator().manual_seed(batch["seed"])
+        sigma = sample_sigmas(ids.shape[0], generator=g, mode=gen.timestep_sampling, shift=gen.shift)
+        keep = (torch.rand(ids.shape[0], generator=g) >= gen.cond_dropout).float()
+        x_t, masked = mask_cells(ids, sigma, LAYOUT_VOCAB, g)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = model("generate", **inputs, x=x_t, sigma=sigma, keep=keep)
+        logits, prior = logits if gen.prior else (logits, None)
+        loss = masked_ce(logits, ids, masked)
+        out = {"gen": loss.detach(), "loss": loss}
+        if prior is not None:  # log p(cell | prompt): every cell's cross-entropy
+            prior_loss = masked_ce(prior, ids, torch.ones_like(masked))
+            out["loss"] = loss + gen.prior_weight * prior_loss
+            out["prior"] = prior_loss.detach()
+        return out
+
+    def with_joint(
+        self, model: nn.Module, batch: dict[str, Any], out: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Add joint training's understanding loss (weight ``joint_weight``) to a generation loss dict."""
         if self.joint_weight > 0:
             und = understanding_loss(model, batch["und"])
-            total = total + self.joint_weight * und
+            out["loss"] = out["loss"] + self.joint_weight * und
             out["und"] = und.detach()
-        out["loss"] = total
         return out
