@@ -4,8 +4,9 @@ Text → image: prompts (left-padded, with the same chat template as in training
 learnable queries → the queries' hidden states condition the generation head, which is sampled with
 Euler + CFG (unconditional and conditional branches in one batch) → CLIP map → pixel decoder (SANA
 over VAE latents, also Euler + CFG) → VAE decode. With a latent target the head's output goes straight
-to the VAE. Each prompt's noise comes from its own seed, so a batch of prompts gives the same images
-as the prompts one at a time.
+to the VAE; a discrete layout head is sampled by unmasking its cells (:mod:`blip3o.diffusion.masked`).
+Each prompt's noise comes from its own seed, so a batch of prompts gives the same images as the prompts
+one at a time.
 """
 
 from __future__ import annotations
