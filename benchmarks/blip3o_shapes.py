@@ -2,11 +2,14 @@
 
 Trains every stage of the ``shapes-blip3o`` preset for a few steps in a temporary directory (weights do
 not change the speed), then times the pipeline: 30 Euler steps of the generation DiT with CFG plus the
-pixel decoder's steps with CFG, then the VAE decode.
+pixel decoder's steps with CFG, then the VAE decode. Config overrides on the command line time another
+generation path, e.g. the discrete layout head: ``.venv/bin/python benchmarks/blip3o_shapes.py
+model.generation.target=layout model.vision.grounding_cells=2 model.generation.objective=discrete``.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 
@@ -20,7 +23,7 @@ STEPS = 20
 
 
 def main() -> None:
-    cfg = resolve("shapes-blip3o", ["world.n_train=512", "world.n_heldout=64"])
+    cfg = resolve("shapes-blip3o", ["world.n_train=512", "world.n_heldout=64", *sys.argv[1:]])
     cfg = shortened(cfg, STEPS)
     with tempfile.TemporaryDirectory() as tmp:
         summaries = run_recipe(cfg, tmp, progress=False)
@@ -45,6 +48,8 @@ def main() -> None:
                 steps=cfg.model.generation.steps,
                 decoder_steps=cfg.model.decoder.steps,
                 cfg=True,
+                objective=cfg.model.generation.objective,
+                target=cfg.model.generation.target,
             )
 
 
