@@ -79,9 +79,14 @@ def main() -> None:
     for s in args.sigmas:
         sigma = torch.full((n,), s)
         x, masked = mask_cells(ids, sigma, LAYOUT_VOCAB, torch.Generator().manual_seed(0))
-        for name, c in (("own prompt", cond), ("another prompt", cond.roll(1, 0)), ("no prompt", 0 * cond)):
-            emit(f"masked-cell CE at sigma {s}, {name}", masked_ce(head(x, sigma, c), ids, masked).item(), "nats")
-        p_object = (1 - head(x, sigma, cond)[:, 0].exp())[masked & far].mean().item()
+        own = head(x, sigma, cond)
+        for name, logp in (
+            ("own prompt", own),
+            ("another prompt", head(x, sigma, cond.roll(1, 0))),
+            ("no prompt", head(x, sigma, 0 * cond)),
+        ):
+            emit(f"masked-cell CE at sigma {s}, {name}", masked_ce(logp, ids, masked).item(), "nats")
+        p_object = (1 - own[:, 0].exp())[masked & far].mean().item()
         emit(f"p(object) at masked background cells far from objects, sigma {s}", p_object, "p")
 
     records = [json.loads(line) for line in (run / "world" / "prompts.jsonl").read_text().splitlines()]

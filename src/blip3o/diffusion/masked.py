@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from blip3o.diffusion.sampler import _cat_cond, sigma_schedule
+from blip3o.diffusion.sampler import cfg_combine, guided_condition, sigma_schedule
 
 __all__ = ["LogitsFn", "gumbel", "mask_cells", "masked_ce", "unmask_sample"]
 
@@ -98,9 +98,7 @@ def unmask_sample(
             f"reveal must be {(b, *noise.shape[2:])} for noise {tuple(noise.shape)}, got {tuple(reveal.shape)}"
         )
     use_cfg = guidance_scale != 1.0
-    if use_cfg and uncond is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs an unconditional condition (uncond=)")
-    model_cond = _cat_cond(uncond, cond) if use_cfg else cond
+    model_cond = guided_condition(cond, uncond, guidance_scale)
     sigmas = sigma_schedule(num_steps, shift=shift, device=noise.device)
     ids = torch.full(reveal.shape, mask_id, dtype=torch.long, device=noise.device)
     for i in tqdm(range(num_steps), disable=not progress, desc="unmasking", leave=False):
@@ -108,7 +106,7 @@ def unmask_sample(
         x_in = torch.cat([ids, ids]) if use_cfg else ids
         logits = logits_fn(x_in, sigma.expand(x_in.shape[0]), model_cond)[:, :v].float().log_softmax(1)
         if use_cfg:
-            logits = logits[:b] + guidance_scale * (logits[b:] - logits[:b])
+            logits = cfg_combine(logits[:b], logits[b:], guidance_scale)
         drawn = (logits / temperature + noise).argmax(1)  # (B, h, w)
         now = (ids == mask_id) & (reveal >= sigma_next)
         ids = torch.where(now, drawn, ids)

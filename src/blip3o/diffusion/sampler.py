@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from blip3o.diffusion.flow import shift_sigmas
 
-__all__ = ["Cond", "VelocityFn", "cfg_combine", "euler_sample", "sigma_schedule"]
+__all__ = ["Cond", "VelocityFn", "cfg_combine", "euler_sample", "guided_condition", "sigma_schedule"]
 
 Cond = Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any] | None
 """A condition: a tensor batched on dim 0, or a tuple/list/dict of such tensors (``None`` leaves allowed),
@@ -98,6 +98,19 @@ def _cat_cond(uncond: Cond, cond: Cond) -> Cond:
     raise TypeError(f"cond leaves must be tensors or None, got {type(cond).__name__}")
 
 
+def guided_condition(cond: Cond, uncond: Cond, guidance_scale: float) -> Cond:
+    """What a sampler passes its network: ``[uncond; cond]`` along dim 0 with guidance (``guidance_scale`` ≠ 1),
+    else ``cond``; guidance without an unconditional condition is an error."""
+    if guidance_scale == 1.0:
+        return cond
+    if uncond is None:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs an unconditional condition: pass uncond= (same structure and "
+            "shapes as cond; zeros, matching training-time condition dropout), or use guidance_scale=1.0"
+        )
+    return _cat_cond(uncond, cond)
+
+
 @torch.no_grad()
 def euler_sample(
     velocity: VelocityFn,
@@ -146,11 +159,7 @@ def euler_sample(
         The sample x_0 (B, ...) in ``noise.dtype``.
     """
     use_cfg = guidance_scale != 1.0
-    if use_cfg and uncond is None:
-        raise ValueError(
-            f"guidance_scale={guidance_scale} needs an unconditional condition: pass uncond= (same structure and "
-            "shapes as cond; zeros, matching training-time condition dropout), or use guidance_scale=1.0"
-        )
+    model_cond = guided_condition(cond, uncond, guidance_scale)
     b = noise.shape[0]
     if not 0.0 < start <= 1.0:
         raise ValueError(f"start must be in (0, 1], got {start}")
@@ -161,7 +170,6 @@ def euler_sample(
     sigmas = sigma_schedule(num_steps, shift=shift, device=noise.device)  # (N + 1,)
     if start < 1.0:
         sigmas = sigmas * start
-    model_cond = _cat_cond(uncond, cond) if use_cfg else cond
     state_dtype = torch.promote_types(noise.dtype, torch.float32)
     x = noise.to(state_dtype)  # (B, ...)
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):

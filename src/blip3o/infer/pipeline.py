@@ -51,16 +51,17 @@ STEP_NOISE_OFFSET = 104729
 """Added to an image's seed for the fresh noise of a stochastic sampler's steps."""
 
 
-def noise_stream(shape: Sequence[int], seeds: Sequence[int]):
-    """A function returning fresh standard-normal noise (len(seeds), *shape) per call, each row drawn in turn
-    from its own generator seeded with its seed, so a batch draws what its rows draw alone."""
+def noise_stream(shape: Sequence[int], seeds: Sequence[int], draw=torch.randn):
+    """A function returning fresh noise (len(seeds), *shape) per call (standard normal, or ``draw``'s, e.g.
+    ``torch.rand``), each row drawn in turn from its own generator seeded with its seed, so a batch draws what
+    its rows draw alone."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return lambda: torch.stack([torch.randn(tuple(shape), generator=g) for g in gens])
+    return lambda: torch.stack([draw(tuple(shape), generator=g) for g in gens])
 
 
 def seeded_uniform(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
     """One U[0, 1) tensor of ``shape`` per seed, stacked: (len(seeds), *shape)."""
-    return torch.stack([torch.rand(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return noise_stream(shape, seeds, torch.rand)()
 
 
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:

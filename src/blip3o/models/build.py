@@ -176,15 +176,13 @@ def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:
     backbone = build_backbone(cfg.backbone, len(tokenizer))
     width = backbone.config.hidden_size
     channels, side, _ = cfg.target_shape
-    if cfg.generation.objective == "mse":
+    gen = cfg.generation
+    prior = gen.num_queries if gen.prior else None
+    if gen.objective == "mse":
         head: nn.Module = RegressionHead(width, channels, side)
-    elif cfg.generation.objective == "discrete":
-        gen = cfg.generation
-        prior = gen.num_queries if gen.prior else None
+    elif gen.objective == "discrete":
         head = MaskedHead(gen.dit, side, width, cfg.target_patch, prior_tokens=prior)
     else:
-        gen = cfg.generation
-        prior = gen.num_queries if gen.prior else None
         head = FlowHead(
             gen.dit,
             channels,

@@ -84,12 +84,21 @@ def layout_to_ids(layout: torch.Tensor) -> torch.Tensor:
     return torch.where(kind > 0, 1 + (kind - 1) * (NUM_COLOUR_IDS - 1) + colour, 0)
 
 
+def id_factors(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cell ids (B, h, w) → (which cells are objects, class id, 0-based object colour), the inverse of
+    :func:`layout_to_ids`' numbering; a background cell, or any id past the objects' (a mask id), is no object
+    and gets class 0 and colour 0."""
+    obj = (ids > 0) & (ids < LAYOUT_VOCAB)
+    kind = torch.where(obj, (ids - 1) // (NUM_COLOUR_IDS - 1) + 1, 0)
+    colour = torch.where(obj, (ids - 1) % (NUM_COLOUR_IDS - 1), 0)
+    return obj, kind, colour
+
+
 def ids_to_layout(ids: torch.Tensor) -> torch.Tensor:
     """Cell ids (B, h, w) → the one-hot layout at ±1 (B, classes + colours, h, w), the inverse of
     :func:`layout_to_ids` on snapped layouts."""
-    obj = ids > 0
-    kind = torch.where(obj, (ids - 1) // (NUM_COLOUR_IDS - 1) + 1, 0)
-    colour = torch.where(obj, (ids - 1) % (NUM_COLOUR_IDS - 1) + 1, 0)
+    obj, kind, colour = id_factors(ids)
+    colour = torch.where(obj, colour + 1, 0)
     onehot = torch.cat([F.one_hot(kind, NUM_CLASS_IDS), F.one_hot(colour, NUM_COLOUR_IDS)], -1)
     return onehot.permute(0, 3, 1, 2).float() * 2 - 1
 
@@ -232,9 +241,7 @@ def cell_inputs(ids: torch.Tensor) -> torch.Tensor:
     """Cell ids (B, h, w), :data:`LAYOUT_VOCAB` meaning masked, → (B, :data:`CELL_FACTORS` + 1, h, w) input
     channels in {0, 1}: the class one-hot, the object colour one-hot (none for background) and a mask channel."""
     masked = ids == LAYOUT_VOCAB
-    obj = (ids > 0) & ~masked
-    kind = torch.where(obj, (ids - 1) // (NUM_COLOUR_IDS - 1) + 1, 0)
-    colour = (ids - 1).clamp_min(0) % (NUM_COLOUR_IDS - 1)
+    obj, kind, colour = id_factors(ids)
     x = torch.cat(
         [
             F.one_hot(kind, NUM_CLASS_IDS) * ~masked[..., None],
@@ -285,17 +292,24 @@ class MaskedHead(ConditionedDiT):
         self, ids: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """ids (B, h, w) long, σ (B,), cond (B, L, H) → log-probabilities (B, vocab, h, w), the prior's included."""
-        return self.logits(ids, sigma, cond, cond_mask)[0]
+        out, prior = self.factor_logits(ids, sigma, cond, cond_mask)
+        return cell_log_probs(out if prior is None else out + prior)
 
     def logits(
         self, ids: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log-probabilities, the prior's alone or None): what training needs to add the prior's own loss."""
-        out = self.run_dit(cell_inputs(ids).to(cond.dtype), sigma, cond, cond_mask)[:, :CELL_FACTORS]
-        if self.prior is None:
+        out, prior = self.factor_logits(ids, sigma, cond, cond_mask)
+        if prior is None:
             return cell_log_probs(out), None
-        prior = self.prior(cond)
         return cell_log_probs(out + prior), cell_log_probs(prior)
+
+    def factor_logits(
+        self, ids: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The DiT's factor logits (B, :data:`CELL_FACTORS`, h, w) and the prior's, or None."""
+        out = self.run_dit(cell_inputs(ids).to(cond.dtype), sigma, cond, cond_mask)[:, :CELL_FACTORS]
+        return out, None if self.prior is None else self.prior(cond)
 
 
 class RegressionHead(nn.Module):

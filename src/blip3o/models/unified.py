@@ -115,8 +115,8 @@ class BLIP3o(nn.Module):
         classifier-free guidance) and, for flow heads, x (B, C, h, w), sigma (B,) and, for a self-conditioned
         head, self_cond (B,) (1: the row gets the head's own no-grad x̂0 as input, 0: zeros); it returns the
         velocity, or the regressed map for the MSE head; a flow head with a prior returns the velocity and
-        the prior's map. A masked head takes x as cell ids (B, h, w) and returns per-cell logits (and its prior's, if
-        it has one).
+        the prior's map. A masked head takes x as cell ids (B, h, w) and returns per-cell
+        log-probabilities (and its prior's, if it has one).
         """
         if mode == "logits":
             return self.logits(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixels"))
