@@ -75,8 +75,9 @@ def test_positions_from_left_padded_mask():
     assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
-def test_condition_does_not_depend_on_padding(tokenizer):
-    model = _pipeline(tokenizer, GenerationConfig()).model.eval()
+@pytest.mark.parametrize("connector_layers", [0, 2])
+def test_condition_does_not_depend_on_padding(tokenizer, connector_layers):
+    model = _pipeline(tokenizer, GenerationConfig(connector_layers=connector_layers)).model.eval()
     prompts = ["a photo of a red circle", "a photo of a blue square left of a green cross"]
     ids, mask = generation_inputs(tokenizer, prompts)
     assert mask[0].sum() < mask[1].sum()  # the first row is left-padded
@@ -85,6 +86,45 @@ def test_condition_does_not_depend_on_padding(tokenizer):
         alone = [model.condition(*generation_inputs(tokenizer, [p])) for p in prompts]
     for i in range(2):
         torch.testing.assert_close(together[i], alone[i][0], rtol=1e-4, atol=1e-5)
+
+
+def test_connector_runs_fresh_backbone_layers_over_the_prompt_and_queries(tokenizer):
+    """The connector is the backbone's own decoder class at its width, run over the backbone's last hidden
+    states of the whole prompt-and-queries sequence; the condition is its output at the queries. Without layers
+    it holds no parameters and the condition is the backbone's query states."""
+    plain = _pipeline(tokenizer, GenerationConfig()).model.eval()
+    model = _pipeline(tokenizer, GenerationConfig(connector_layers=2)).model.eval()
+    assert not list(plain.connector.parameters())
+    decoder = model.connector.model
+    assert type(decoder) is type(model.backbone.model) and decoder.config.num_hidden_layers == 2
+    assert decoder.config.hidden_size == model.backbone.config.hidden_size
+    ids, mask = generation_inputs(tokenizer, ["a photo of a red circle", "a photo of two blue squares"])
+    full = torch.cat([mask, mask.new_ones(2, model.num_queries)], 1)
+    positions = positions_from_mask(full)
+    with torch.no_grad():
+        embeds = torch.cat([model.embed(ids), model.queries.expand(2, -1, -1)], 1)
+        states = model.backbone.model(
+            inputs_embeds=embeds, attention_mask=full, position_ids=positions
+        ).last_hidden_state
+        h = states
+        rotary = decoder.rotary_emb(h, positions)
+        causal = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril()
+        allowed = (causal[None] & full.bool()[:, None, :])[:, None]  # (B, 1, T, T): past, non-padding keys
+        for layer in decoder.layers:  # the layers by hand, with an explicit boolean mask
+            h = layer(h, attention_mask=allowed, position_ids=positions, position_embeddings=rotary)
+            h = h[0] if isinstance(h, tuple) else h
+        want = decoder.norm(h)[:, -model.num_queries :]
+        torch.testing.assert_close(
+            model.condition(ids, mask)[mask.sum(1) == mask.shape[1]],
+            want[mask.sum(1) == mask.shape[1]],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("connector.")})
+        torch.testing.assert_close(plain.condition(ids, mask), states[:, -model.num_queries :])
+        # fresh layers add small residual updates: the connector starts near the plain condition, not at it
+        gap = (model.condition(ids, mask) - plain.condition(ids, mask)).abs().max()
+        assert 0 < gap < 0.2 * plain.condition(ids, mask).abs().max()
 
 
 def test_image_placeholders_take_the_projected_features(tokenizer):

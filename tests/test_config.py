@@ -334,3 +334,11 @@ def test_resolve_is_preset_plus_overrides() -> None:
     assert resolve("shapes-demo") == get_preset("shapes-demo")
     with pytest.raises(TypeError):
         apply_overrides(cfg, "world.size=32")  # type: ignore[arg-type]
+
+
+def test_connector_layers_need_the_connector_among_the_generation_stages_trainable_paths() -> None:
+    resolve("shapes-blip3o", ["model.generation.connector_layers=2"])  # the default paths include it
+    with pytest.raises(ConfigError, match=r"trainable: model\.generation\.connector_layers=2 needs"):
+        resolve("shapes-blip3o", ["model.generation.connector_layers=2", "recipe.generation.trainable=[queries,head]"])
+    with pytest.raises(ConfigError, match=r"generation\.connector_layers"):
+        resolve("shapes-blip3o", ["model.generation.connector_layers=-1"])

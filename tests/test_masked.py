@@ -105,3 +105,71 @@ def test_guidance_combines_the_branches_log_probabilities_in_one_batched_call():
         unmask_sample(logits_fn, torch.zeros(2, 3, 3), noise, cond, mask_id=5, guidance_scale=3.0)
     with pytest.raises(ValueError, match="temperature"):
         unmask_sample(logits_fn, torch.zeros(2, 3, 3), noise, cond, mask_id=5, temperature=0)
+
+
+def test_confidence_order_reveals_the_schedules_count_of_the_most_probable_cells_first():
+    """With ``order="confidence"`` and no perturbation, step k leaves round(N·σ_{k+1}) cells masked and reveals
+    the masked cells whose drawn ids are most probable; the network's confidence here is fixed per cell."""
+    steps, vocab, mask_id, side = 5, 3, 3, 4
+    n = side * side
+    confidence = torch.randperm(n, generator=torch.Generator().manual_seed(0)).float().view(1, side, side)
+    sigmas = sigma_schedule(steps, shift=2.0)
+    calls = []
+
+    def logits_fn(ids, sigma, cond):  # id 1 with probability rising with the cell's confidence
+        calls.append(ids.clone())
+        p1 = 0.5 + 0.4 * confidence / n
+        return torch.stack([(1 - p1) / 2, p1, (1 - p1) / 2], 1).log().expand(len(ids), -1, -1, -1)
+
+    reveal = torch.rand(2, side, side, generator=torch.Generator().manual_seed(1))
+    cold = gumbel(torch.full((2, vocab, side, side), 0.5))  # equal noise for every id: argmax takes id 1
+    ids = unmask_sample(
+        logits_fn,
+        reveal,
+        cold,
+        None,
+        mask_id=mask_id,
+        num_steps=steps,
+        shift=2.0,
+        order="confidence",
+        confidence_noise=0.0,
+    )
+    assert torch.all(ids == 1)
+    order = confidence.flatten().argsort(descending=True)
+    for k, seen in enumerate(calls[1:]):
+        revealed = n - round(float(sigmas[k + 1]) * n)
+        want = torch.full((n,), mask_id)
+        want[order[:revealed]] = 1
+        assert torch.equal(seen, want.view(1, side, side).expand(2, -1, -1)), k
+    with pytest.raises(ValueError, match="order"):
+        unmask_sample(logits_fn, reveal, cold, None, mask_id=mask_id, order="raster")
+
+
+def test_refinement_masks_again_the_cells_the_network_doubts_and_redraws_them_given_the_rest():
+    """One step writes id 1 everywhere; the refining network, reading the finished map, gives id 1 a
+    probability of 0.025 on the cells of S (id 0 there at 0.95): exactly those are masked and redrawn, at σ = the
+    share masked, and become 0; the rest keep 1."""
+    vocab, mask_id, side = 3, 3, 4
+    n = side * side
+    doubted = torch.zeros(2, side, side, dtype=torch.bool)
+    doubted[0, 1:3, 1:3] = doubted[1, 0, :] = True
+    calls = []
+
+    def logits_fn(ids, sigma, cond):
+        calls.append((ids.clone(), sigma.clone()))
+        if len(calls) == 1:  # the sampling step
+            p = torch.tensor([0.01, 0.98, 0.01]).view(1, 3, 1, 1).expand(len(ids), -1, side, side)
+        else:
+            there, elsewhere = torch.tensor([0.95, 0.025, 0.025]), torch.tensor([0.025, 0.95, 0.025])
+            p = torch.where(doubted[:, None], there.view(1, 3, 1, 1), elsewhere.view(1, 3, 1, 1))
+        return p.log()
+
+    cold = gumbel(torch.full((2, vocab, side, side), 0.5))
+    ids = unmask_sample(logits_fn, torch.zeros(2, side, side), cold, None, mask_id=mask_id, num_steps=1, refine_steps=1)
+    assert torch.equal(ids, torch.where(doubted, 0, 1))
+    (read, read_sigma), (redraw, redraw_sigma) = calls[1], calls[2]
+    assert torch.all(read == 1) and torch.allclose(read_sigma, torch.full((2,), 1 / n))
+    assert torch.equal(redraw, torch.where(doubted, mask_id, 1))
+    torch.testing.assert_close(redraw_sigma, doubted.flatten(1).float().mean(1))
+    with pytest.raises(ValueError, match="refine_threshold"):
+        unmask_sample(logits_fn, torch.zeros(2, side, side), cold, None, mask_id=mask_id, refine_threshold=1.5)

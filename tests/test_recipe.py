@@ -447,3 +447,32 @@ def test_a_discrete_layout_head_trains_on_masked_cells_and_generates(tiny_run, t
     assert isinstance(pipe.model.head, MaskedHead) and pipe.model.head.prior is not None
     images = pipe(["a photo of a star", "a photo of two red circles"], seed=0, num_inference_steps=4)
     assert len(images) == 2 and images[0].size == images[1].size
+
+
+def test_a_connector_trains_with_the_head_while_the_backbone_stays_bit_identical(tiny_run, tmp_path):
+    """``generation.connector_layers``: the generation stage's default trainable paths include the connector,
+    which the loss reaches and the stage updates; the understanding weights stay as they were."""
+    from blip3o.train.recipe import make_task
+    from blip3o.train.trainable import set_trainable
+
+    for part in ("world", "tokenizer", "clip", "vae", "decoder", "understanding", "scales.safetensors"):
+        (tmp_path / part).symlink_to(tiny_run / part)
+    overrides = ["model.generation.connector_layers=1", "recipe.stages=[generation]"]
+    cfg = resolve("tiny-debug", overrides)
+    task = make_task("generation", cfg, tmp_path)
+    model = task.build_model()
+    set_trainable(model, cfg.recipe.generation.trainable, cfg.recipe.generation.frozen)
+    task.loss(model, task.batch(1, 0, 0, 1))["loss"].backward()
+    grads = [p.grad for p in model.connector.parameters()]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+    run_recipe(cfg, tmp_path, progress=False)
+    und = load_file(str(tmp_path / "understanding" / "model.safetensors"))
+    gen = load_file(str(tmp_path / "generation" / "model.safetensors"))
+    assert all(torch.equal(und[k], gen[k]) for k in und if k.startswith("backbone."))
+    start = {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
+    assert any(not torch.equal(start[k], gen[k]) for k in start)
+    pipe = BLIP3oPipeline.from_run(tmp_path)
+    assert pipe.model.connector.num_layers == 1
+    assert len(pipe(["a photo of a star"], seed=0, num_inference_steps=2)) == 1

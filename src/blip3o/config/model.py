@@ -150,6 +150,11 @@ class GenerationConfig:
     ``discrete``: discrete flow matching with a masked source over a layout's cells, each cell one class in
     one colour (:mod:`blip3o.diffusion.masked`, :class:`blip3o.models.heads.MaskedHead`)."""
     num_queries: int = 16
+    connector_layers: int = 0
+    """Trainable transformer layers (the backbone's decoder layer, at its width) between the backbone's last
+    hidden states of the prompt and queries and the head, as MetaQuery's connector: they learn how the
+    queries read the prompt while the backbone stays frozen (:class:`blip3o.models.unified.Connector`).
+    0 feeds the query states to the head directly (official BLIP3-o)."""
     dit: DiTConfig = field(default_factory=DiTConfig)
     cond_dropout: float = 0.1
     """Probability of zeroing a sample's whole condition in training (classifier-free guidance)."""
@@ -176,18 +181,31 @@ class GenerationConfig:
     guidance_scale: float = 3.0
     temperature: float = 1.0
     """Sampling temperature of a ``discrete`` head's cells (below 1 sharpens them)."""
+    reveal_order: Literal["random", "confidence"] = "random"
+    """Which cells a ``discrete`` head reveals at each step: each at its own random time, or the most confident
+    ones first (MaskGIT; :func:`blip3o.diffusion.masked.unmask_sample`)."""
+    confidence_noise: float = 1.0
+    """Scale of the Gumbel perturbation of the confidence order (times σ); 0 reveals strictly by confidence."""
+    refine_steps: int = 0
+    """Corrector rounds of a ``discrete`` head after its last step: cells whose id the head, reading the whole
+    map, finds less probable than ``refine_threshold`` are masked again and redrawn."""
+    refine_threshold: float = 0.1
     eta: float = 0.0
     """Sampling stochasticity of the head (:func:`blip3o.diffusion.sampler.euler_sample`): 0 is the Euler
     ODE sampler (official), 1 the ancestral one, each image's fresh noise drawn from its own seed."""
 
     def __post_init__(self) -> None:
         check_int("generation.num_queries", self.num_queries, ge=1)
+        check_int("generation.connector_layers", self.connector_layers, ge=0)
         check_float("generation.eta", self.eta, ge=0, le=1)
         check_float("generation.cond_dropout", self.cond_dropout, ge=0, le=1)
         check_float("generation.shift", self.shift, gt=0)
         check_int("generation.steps", self.steps, ge=1)
         check_float("generation.prior_weight", self.prior_weight, ge=0)
         check_float("generation.temperature", self.temperature, gt=0)
+        check_float("generation.confidence_noise", self.confidence_noise, ge=0)
+        check_int("generation.refine_steps", self.refine_steps, ge=0)
+        check_float("generation.refine_threshold", self.refine_threshold, gt=0, lt=1)
         if self.objective == "discrete" and self.target != "layout":
             raise ConfigError(
                 "the discrete objective samples a layout's cells; use target=layout", key="generation.objective"

@@ -58,7 +58,7 @@ class RecipeConfig:
     vae: TrainConfig = field(default_factory=lambda: _stage(1000, 16, 2e-3))
     decoder: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3))
     understanding: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["backbone", "projector"]))
-    generation: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["queries", "head"]))
+    generation: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["queries", "connector", "head"]))
     image_tokenizer: TrainConfig = field(default_factory=lambda: _stage(1000, 64, 1e-3))
     next: TrainConfig = field(default_factory=lambda: _stage(2000, 32, 1e-3))
     """BLIP3o-NEXT pre-training; with ``trainable`` empty it trains the backbone, connector and ``next.train_sana``."""

@@ -117,6 +117,13 @@ class RunConfig:
             raise ConfigError(f"stages {next_stages} need a BLIP3o-NEXT model (the next section)", key="recipe.stages")
         if self.grpo is not None and self.next is None:
             raise ConfigError("GRPO tunes a BLIP3o-NEXT model; this config has no next section", key="grpo")
+        trainable = self.recipe.generation.trainable
+        if self.model.generation.connector_layers and trainable and not {"connector", ""} & set(trainable):
+            raise ConfigError(
+                f"model.generation.connector_layers={self.model.generation.connector_layers} needs 'connector' in "
+                f"the generation stage's trainable paths, got {trainable}",
+                key="recipe.generation.trainable",
+            )
         if self.eval.n_prompts is not None and self.eval.n_prompts > self.world.n_prompts:
             raise ConfigError(
                 f"must be <= world.n_prompts ({self.world.n_prompts}) or None, got {self.eval.n_prompts}",

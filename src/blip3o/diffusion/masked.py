@@ -20,6 +20,7 @@ cells revealed later are drawn given the ones revealed before, so an object's ce
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,10 @@ def unmask_sample(
     guidance_scale: float = 1.0,
     temperature: float = 1.0,
     shift: float = 1.0,
+    order: str = "random",
+    confidence_noise: float = 1.0,
+    refine_steps: int = 0,
+    refine_threshold: float = 0.1,
     progress: bool = False,
 ) -> Tensor:
     """Sample id maps from the all-mask source (module docstring).
@@ -85,6 +90,16 @@ def unmask_sample(
         num_steps, shift: the σ schedule (:func:`blip3o.diffusion.sampler.sigma_schedule`).
         guidance_scale: CFG on log-probabilities, l = l_u + s·(l_c − l_u); 1 runs the conditional branch alone.
         temperature: > 0; below 1 sharpens each cell's distribution.
+        order: ``random`` reveals each cell at its own reveal time (the path's sampler); ``confidence`` reveals, at
+            each step, as many cells as the schedule frees (round(N·(1 − σ')) revealed after it, N cells an image)
+            and chooses the masked cells whose drawn ids are most probable (MaskGIT, Chang et al. 2022), each
+            score perturbed by ``confidence_noise`` · σ · Gumbel noise taken from the reveal times.
+        confidence_noise: ≥ 0, the scale of that perturbation (0 reveals strictly by confidence).
+        refine_steps: corrector rounds after the last step, each two calls: the network reads the finished map
+            (at σ = 1/N), the cells whose id it then gives a probability under ``refine_threshold`` are masked
+            again, and redrawn (with their Gumbel noise) from its prediction given the rest, at σ = the share
+            masked. A cell revealed early, before the cells around it, can so be taken back.
+        refine_threshold: in (0, 1), the probability under which a cell is redrawn.
         progress: a tqdm bar over steps.
 
     Returns:
@@ -92,6 +107,14 @@ def unmask_sample(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if order not in ("random", "confidence"):
+        raise ValueError(f"order must be 'random' or 'confidence', got {order!r}")
+    if confidence_noise < 0:
+        raise ValueError(f"confidence_noise must be >= 0, got {confidence_noise}")
+    if refine_steps < 0 or not 0 < refine_threshold < 1:
+        raise ValueError(
+            f"refine_steps must be >= 0 and refine_threshold in (0, 1), got {refine_steps} and {refine_threshold}"
+        )
     b, v = noise.shape[:2]
     if reveal.shape != (b, *noise.shape[2:]):
         raise ValueError(
@@ -101,13 +124,37 @@ def unmask_sample(
     model_cond = guided_condition(cond, uncond, guidance_scale)
     sigmas = sigma_schedule(num_steps, shift=shift, device=noise.device)
     ids = torch.full(reveal.shape, mask_id, dtype=torch.long, device=noise.device)
+    n_cells = reveal[0].numel()
+    choice_noise = gumbel(reveal).flatten(1)  # (B, N): the confidence order's perturbation, from the seeds
+    n_revealed = [n_cells - round(float(s) * n_cells) for s in sigma_schedule(num_steps, shift=shift)[1:]]
+
+    def predict(ids: Tensor, sigma: Tensor) -> Tensor:
+        """Guided log-probabilities (B, V, h, w) for the map ``ids`` at levels σ (B,)."""
+        x_in = torch.cat([ids, ids]) if use_cfg else ids
+        sigma_in = torch.cat([sigma, sigma]) if use_cfg else sigma
+        logits = logits_fn(x_in, sigma_in, model_cond)[:, :v].float().log_softmax(1)
+        return cfg_combine(logits[:b], logits[b:], guidance_scale) if use_cfg else logits
+
     for i in tqdm(range(num_steps), disable=not progress, desc="unmasking", leave=False):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x_in = torch.cat([ids, ids]) if use_cfg else ids
-        logits = logits_fn(x_in, sigma.expand(x_in.shape[0]), model_cond)[:, :v].float().log_softmax(1)
-        if use_cfg:
-            logits = cfg_combine(logits[:b], logits[b:], guidance_scale)
+        logits = predict(ids, sigma.expand(b))
         drawn = (logits / temperature + noise).argmax(1)  # (B, h, w)
-        now = (ids == mask_id) & (reveal >= sigma_next)
+        masked = ids == mask_id
+        if order == "random":
+            now = masked & (reveal >= sigma_next)
+        else:
+            logp = (logits / temperature).log_softmax(1).gather(1, drawn.unsqueeze(1)).squeeze(1)
+            score = (logp.flatten(1) + confidence_noise * sigma * choice_noise).masked_fill(
+                ~masked.flatten(1), torch.inf
+            )
+            keep = torch.zeros_like(score, dtype=torch.bool)
+            keep.scatter_(1, score.topk(n_revealed[i], dim=1).indices, True)
+            now = masked & keep.view_as(masked)
         ids = torch.where(now, drawn, ids)
+    for _ in range(refine_steps):
+        logp = (predict(ids, torch.full((b,), 1 / n_cells, device=ids.device)) / temperature).log_softmax(1)
+        redo = logp.gather(1, ids.unsqueeze(1)).squeeze(1) < math.log(refine_threshold)
+        share = redo.flatten(1).float().mean(1).clamp_min(1 / n_cells)
+        drawn = (predict(torch.where(redo, mask_id, ids), share) / temperature + noise).argmax(1)
+        ids = torch.where(redo, drawn, ids)
     return ids

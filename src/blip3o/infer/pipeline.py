@@ -153,6 +153,10 @@ class BLIP3oPipeline:
                 eta=gen.eta,
                 temperature=gen.temperature,
                 shift=gen.shift,
+                reveal_order=gen.reveal_order,
+                confidence_noise=gen.confidence_noise,
+                refine_steps=gen.refine_steps,
+                refine_threshold=gen.refine_threshold,
             ),
             decoder=replace(self.cfg.decoder, steps=dec.steps, guidance_scale=dec.guidance_scale),
         )
@@ -232,6 +236,10 @@ class BLIP3oPipeline:
             guidance_scale=gen.guidance_scale if guidance_scale is None else guidance_scale,
             temperature=gen.temperature,
             shift=gen.shift,
+            order=gen.reveal_order,
+            confidence_noise=gen.confidence_noise,
+            refine_steps=gen.refine_steps,
+            refine_threshold=gen.refine_threshold,
             progress=progress,
         )
 

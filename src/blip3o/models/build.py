@@ -202,4 +202,5 @@ def build_blip3o(cfg: ModelConfig, tokenizer, vision: nn.Module) -> BLIP3o:
         cfg.generation.num_queries,
         tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         condition_norm=cfg.generation.condition_norm,
+        connector_layers=cfg.generation.connector_layers,
     )

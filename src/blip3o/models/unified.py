@@ -17,17 +17,51 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 from blip3o.models.heads import FlowHead, MaskedHead, RegressionHead
 
-GENERATION_PARTS = ("head.", "queries", "condition_norm.")
+GENERATION_PARTS = ("head.", "queries", "connector.", "condition_norm.")
 """State-dict prefixes of the generation path: an understanding checkpoint's copies are untrained (or absent)."""
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for a (possibly left-padded) attention mask (B, T): 0, 1, … over the real tokens."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class Connector(nn.Module):
+    """Trainable transformer layers between the backbone's last hidden states and the generation head.
+
+    MetaQuery (Pan et al. 2025) puts such a connector between a frozen MLLM and its diffusion decoder: the
+    frozen backbone's attention was learnt for understanding, and the connector's own attention learns how
+    the queries read the prompt for generation. Its layers are the backbone's decoder layers (the same
+    ``transformers`` class, width, heads and rotary positions, freshly initialised), run over the whole
+    prompt-and-queries sequence with the backbone's causal mask and positions, so the queries (last) see the
+    prompt's every token. With ``num_layers`` 0 it passes the states through and holds no parameters.
+    """
+
+    def __init__(self, backbone_config: PretrainedConfig, num_layers: int) -> None:
+        super().__init__()
+        self.model: PreTrainedModel | None = None
+        if num_layers > 0:
+            fields = backbone_config.to_dict()
+            fields.update(num_hidden_layers=num_layers, vocab_size=1, layer_types=None, pad_token_id=None)
+            config = type(backbone_config)(**fields)
+            config._attn_implementation = "sdpa"
+            self.model = AutoModel.from_config(config)
+            self.model.embed_tokens = None  # reads hidden states, never token ids
+
+    @property
+    def num_layers(self) -> int:
+        return 0 if self.model is None else self.model.config.num_hidden_layers
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """states (B, T, D), attention mask (B, T), position ids (B, T) → (B, T, D)."""
+        if self.model is None:
+            return states
+        out = self.model(inputs_embeds=states, attention_mask=mask, position_ids=positions, use_cache=False)
+        return out.last_hidden_state
 
 
 class BLIP3o(nn.Module):
@@ -39,6 +73,7 @@ class BLIP3o(nn.Module):
         projector: maps vision features to the backbone width.
         head: :class:`FlowHead`, :class:`MaskedHead` or :class:`RegressionHead`.
         num_queries: N; image_token_id: the placeholder id replaced by vision features.
+        connector_layers: trainable transformer layers between the backbone and the head (:class:`Connector`).
         condition_norm: standardise each (query, channel) of the condition over the data (batch statistics
             in training, running ones at inference, as ``BatchNorm1d`` without affine weights) before the
             head. A backbone trained from scratch gives every prompt's query states one shared vector plus
@@ -55,11 +90,13 @@ class BLIP3o(nn.Module):
         num_queries: int,
         image_token_id: int,
         condition_norm: bool = False,
+        connector_layers: int = 0,
     ) -> None:
         super().__init__()
         self.backbone, self.vision, self.projector, self.head = backbone, vision, projector, head
         width = backbone.config.hidden_size
         self.queries = nn.Parameter(torch.randn(num_queries, width) * width**-0.5)
+        self.connector = Connector(backbone.config, connector_layers)
         self.condition_norm = nn.BatchNorm1d(num_queries * width, affine=False) if condition_norm else nn.Identity()
         self.image_token_id = image_token_id
 
@@ -97,15 +134,14 @@ class BLIP3o(nn.Module):
         return out.logits
 
     def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The queries' last hidden states (B, N, D) after a left-padded prompt (B, T), standardised with
-        ``condition_norm``."""
+        """The queries' last hidden states (B, N, D) after a left-padded prompt (B, T), through the connector's
+        layers and standardised with ``condition_norm``."""
         b = input_ids.shape[0]
         embeds = torch.cat([self.embed(input_ids), self.queries.expand(b, -1, -1).to(self.queries.dtype)], 1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(b, self.num_queries)], 1)
-        out = self.backbone.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
-        )
-        states = out.last_hidden_state[:, -self.num_queries :]  # (B, N, D)
+        positions = positions_from_mask(mask)
+        out = self.backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        states = self.connector(out.last_hidden_state, mask, positions)[:, -self.num_queries :]  # (B, N, D)
         return self.condition_norm(states.flatten(1)).view_as(states)
 
     def forward(self, mode: str, **inputs: torch.Tensor) -> torch.Tensor:

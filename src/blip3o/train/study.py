@@ -35,7 +35,7 @@ def variants(base: RunConfig) -> dict[str, RunConfig]:
     """The four generation variants of the study, each training only the generation stage."""
     gen = base.model.generation
     only_gen = replace(base.recipe, stages=["generation"])
-    joint_stage = replace(base.recipe.generation, trainable=["backbone", "projector", "queries", "head"])
+    joint_stage = replace(base.recipe.generation, trainable=["backbone", "projector", "queries", "connector", "head"])
     return {
         "clip-flow": replace(base, recipe=only_gen),
         "clip-mse": replace(base, model=replace(base.model, generation=replace(gen, objective="mse")), recipe=only_gen),
