@@ -47,9 +47,13 @@ def main() -> None:
     cfg = load_yaml(require(args.run / "config.yaml", "any"), RunConfig)
     if cfg.next is None:
         raise SystemExit(f"{args.run} is not a BLIP3o-NEXT run (its config has no `next` section)")
-    enc = encoders(cfg, args.run)
-    tokenizer = build_image_tokenizer(cfg.next, cfg.model)
-    load_weights(tokenizer, require(args.run / "image_tokenizer" / MODEL_FILE, "image_tokenizer"))
+    pipe = NextPipeline.from_run(args.run) if args.written else None
+    if pipe is not None:  # the pipeline's own encoders and image tokenizer, loaded once
+        enc, tokenizer = pipe.encoders, pipe.image_tokenizer
+    else:
+        enc = encoders(cfg, args.run)
+        tokenizer = build_image_tokenizer(cfg.next, cfg.model)
+        load_weights(tokenizer, require(args.run / "image_tokenizer" / MODEL_FILE, "image_tokenizer"))
     data = load_split(args.run / "world", "heldout")
     sources = image_codes(enc, tokenizer.eval(), to_pixels(data.images[list(data.edited)]))
     targets = image_codes(enc, tokenizer, to_pixels(data.edit_images[: len(data.edited)]))
@@ -60,8 +64,7 @@ def main() -> None:
     emit("codes_unchanged_by_edit", same.mean().item(), "fraction", triplets=len(same))
     for kind, values in sorted(by_kind.items()):
         emit("codes_unchanged_by_edit", sum(values) / len(values), "fraction", kind=kind, triplets=len(values))
-    if args.written:
-        pipe = NextPipeline.from_run(args.run)
+    if pipe is not None:
         greedy = replace(pipe.next, temperature=0.0)
         instructions = [data.meta[scene]["edit"]["instruction"] for scene in data.edited]
         written = []
