@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip3o.diffusion.masked import gumbel, mask_cells, masked_ce, unmask_sample
+from blip3o.diffusion.masked import corrupt_cells, gumbel, mask_cells, masked_ce, unmask_sample
 from blip3o.diffusion.sampler import sigma_schedule
 from blip3o.models.heads import LAYOUT_VOCAB, ids_to_layout, layout_to_ids, snap_layout
 from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
@@ -173,3 +173,16 @@ def test_refinement_masks_again_the_cells_the_network_doubts_and_redraws_them_gi
     torch.testing.assert_close(redraw_sigma, doubted.flatten(1).float().mean(1))
     with pytest.raises(ValueError, match="refine_threshold"):
         unmask_sample(logits_fn, torch.zeros(2, side, side), cold, None, mask_id=mask_id, refine_threshold=1.5)
+
+
+def test_corrupt_cells_replaces_revealed_cells_at_the_rate_by_uniform_ids_and_leaves_masks_alone():
+    ids = torch.randint(0, 5, (4, 64, 64), generator=torch.Generator().manual_seed(0))
+    x, masked = mask_cells(ids, torch.full((4,), 0.5), 61, torch.Generator().manual_seed(1))
+    y, corrupted = corrupt_cells(x, masked, 0.2, 61, torch.Generator().manual_seed(2))
+    assert not (corrupted & masked).any() and torch.equal(y[~corrupted], x[~corrupted])
+    n = int((~masked).sum())
+    share = corrupted.sum().item() / n
+    assert abs(share - 0.2) <= 5 * math.sqrt(0.2 * 0.8 / n)
+    freq = torch.bincount(y[corrupted], minlength=61).float() / corrupted.sum()
+    assert freq.shape == (61,) and (freq - 1 / 61).abs().max() < 5 * math.sqrt(1 / 61 / corrupted.sum())
+    assert torch.equal(corrupt_cells(x, masked, 0.0, 61, torch.Generator().manual_seed(2))[0], x)

@@ -476,3 +476,37 @@ def test_a_connector_trains_with_the_head_while_the_backbone_stays_bit_identical
     pipe = BLIP3oPipeline.from_run(tmp_path)
     assert pipe.model.connector.num_layers == 1
     assert len(pipe(["a photo of a star"], seed=0, num_inference_steps=2)) == 1
+
+
+def test_a_discrete_head_with_corruption_also_learns_the_true_ids_of_corrupted_cells(tiny_run, tmp_path):
+    """``generation.corruption``: after masking, revealed cells are replaced by random ids with that probability
+    (from the same seeded generator), and the loss is the cross-entropy over masked and corrupted cells."""
+    from blip3o.diffusion.flow import sample_sigmas
+    from blip3o.diffusion.masked import corrupt_cells, mask_cells, masked_ce
+    from blip3o.models.heads import LAYOUT_VOCAB, layout_to_ids
+    from blip3o.train.recipe import make_task
+
+    for part in ("world", "tokenizer", "clip", "vae", "understanding", "scales.safetensors"):
+        (tmp_path / part).symlink_to(tiny_run / part)
+    overrides = ["model.generation.target=layout", "model.generation.objective=discrete"]
+    task = make_task("generation", resolve("tiny-debug", [*overrides, "model.generation.corruption=0.3"]), tmp_path)
+    model, batch = task.build_model().eval(), task.batch(1, 0, 0, 1)
+    ids, gen = layout_to_ids(batch["x0"]), task.cfg.generation
+    g = torch.Generator().manual_seed(batch["seed"])
+    sigma = sample_sigmas(len(ids), generator=g, mode=gen.timestep_sampling, shift=gen.shift)
+    keep = (torch.rand(len(ids), generator=g) >= gen.cond_dropout).float()
+    x, masked = mask_cells(ids, sigma, LAYOUT_VOCAB, g)
+    x, corrupted = corrupt_cells(x, masked, 0.3, LAYOUT_VOCAB, g)
+    assert corrupted.any()
+    with torch.no_grad():
+        logits = model(
+            "generate",
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            x=x,
+            sigma=sigma,
+            keep=keep,
+        )
+        torch.testing.assert_close(task.loss(model, batch)["gen"], masked_ce(logits, ids, masked | corrupted))
+    with pytest.raises(Exception, match="corruption is an option of the discrete head"):
+        resolve("tiny-debug", ["model.generation.corruption=0.1"])

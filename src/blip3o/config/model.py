@@ -190,6 +190,9 @@ class GenerationConfig:
     """Corrector rounds of a ``discrete`` head after its last step: cells whose id the head, reading the whole
     map, finds less probable than ``refine_threshold`` are masked again and redrawn."""
     refine_threshold: float = 0.1
+    corruption: float = 0.0
+    """Training a ``discrete`` head: share of the revealed cells replaced by random ids, whose true ids are
+    learnt too (:func:`blip3o.diffusion.masked.corrupt_cells`), so that the head learns to doubt wrong cells."""
     eta: float = 0.0
     """Sampling stochasticity of the head (:func:`blip3o.diffusion.sampler.euler_sample`): 0 is the Euler
     ODE sampler (official), 1 the ancestral one, each image's fresh noise drawn from its own seed."""
@@ -206,6 +209,9 @@ class GenerationConfig:
         check_float("generation.confidence_noise", self.confidence_noise, ge=0)
         check_int("generation.refine_steps", self.refine_steps, ge=0)
         check_float("generation.refine_threshold", self.refine_threshold, gt=0, lt=1)
+        check_float("generation.corruption", self.corruption, ge=0, lt=1)
+        if self.corruption and self.objective != "discrete":
+            raise ConfigError("corruption is an option of the discrete head", key="generation.corruption")
         if self.objective == "discrete" and self.target != "layout":
             raise ConfigError(
                 "the discrete objective samples a layout's cells; use target=layout", key="generation.objective"

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from blip3o.diffusion.sampler import cfg_combine, guided_condition, sigma_schedule
 
-__all__ = ["LogitsFn", "gumbel", "mask_cells", "masked_ce", "unmask_sample"]
+__all__ = ["LogitsFn", "corrupt_cells", "gumbel", "mask_cells", "masked_ce", "unmask_sample"]
 
 LogitsFn = Callable[[Tensor, Tensor, Any], Tensor]
 """``logits(ids (B, h, w), sigma (B,), cond) -> (B, V, h, w)``: the predicted clean-id distribution per cell."""
@@ -42,6 +42,18 @@ def mask_cells(ids: Tensor, sigma: Tensor, mask_id: int, generator: torch.Genera
     masked = torch.rand(ids.shape, generator=generator, device=generator.device).to(ids.device)
     masked = masked < sigma.view(-1, *[1] * (ids.dim() - 1))
     return torch.where(masked, mask_id, ids), masked
+
+
+def corrupt_cells(
+    x: Tensor, masked: Tensor, rate: float, vocab: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Replace each unmasked cell of ``x`` with probability ``rate`` by an id drawn uniformly from [0, vocab):
+    → (corrupted map, which cells were drawn (B, ...) bool). Training on such maps (their drawn cells counted in
+    the loss beside the masked ones) teaches the network to doubt revealed cells, as corrector rounds ask it to."""
+    u = torch.rand(x.shape, generator=generator, device=generator.device).to(x.device)
+    drawn = torch.randint(0, vocab, x.shape, generator=generator, device=generator.device).to(x.device)
+    corrupted = (u < rate) & ~masked
+    return torch.where(corrupted, drawn, x), corrupted
 
 
 def masked_ce(logits: Tensor, ids: Tensor, masked: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from blip3o.data.processing import generation_inputs, to_pixels, understanding_i
 from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
-from blip3o.diffusion.masked import mask_cells, masked_ce
+from blip3o.diffusion.masked import corrupt_cells, mask_cells, masked_ce
 from blip3o.models.build import Encoders, build_blip3o, grounding_width, load_weights
 from blip3o.models.heads import LAYOUT_VOCAB, PixelDecoder, layout_to_ids, map_to_tokens
 from blip3o.models.parts import build_clip, build_vae
@@ -555,13 +555,17 @@ class GenerationTask(StageTask):
         return self.with_joint(model, batch, out)
 
     def masked_loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Discrete flow matching (:mod:`blip3o.diffusion.masked`): the masked cells' cross-entropy."""
+        """Discrete flow matching (:mod:`blip3o.diffusion.masked`): the masked cells' cross-entropy, and with
+        ``generation.corruption`` that of the revealed cells replaced by random ids."""
         gen = self.cfg.generation
         ids = layout_to_ids(batch["x0"])
         g = torch.Generator().manual_seed(batch["seed"])
         sigma = sample_sigmas(ids.shape[0], generator=g, mode=gen.timestep_sampling, shift=gen.shift)
         keep = (torch.rand(ids.shape[0], generator=g) >= gen.cond_dropout).float()
         x_t, masked = mask_cells(ids, sigma, LAYOUT_VOCAB, g)
+        if gen.corruption > 0:
+            x_t, corrupted = corrupt_cells(x_t, masked, gen.corruption, LAYOUT_VOCAB, g)
+            masked = masked | corrupted
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         logits = model("generate", **inputs, x=x_t, sigma=sigma, keep=keep)
         logits, prior = logits if gen.prior else (logits, None)
