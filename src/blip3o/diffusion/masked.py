@@ -138,7 +138,7 @@ def unmask_sample(
     ids = torch.full(reveal.shape, mask_id, dtype=torch.long, device=noise.device)
     n_cells = reveal[0].numel()
     choice_noise = gumbel(reveal).flatten(1)  # (B, N): the confidence order's perturbation, from the seeds
-    n_revealed = [n_cells - round(float(s) * n_cells) for s in sigma_schedule(num_steps, shift=shift)[1:]]
+    n_revealed = [n_cells - round(s * n_cells) for s in sigmas[1:].tolist()]  # cells revealed after each step
 
     def predict(ids: Tensor, sigma: Tensor) -> Tensor:
         """Guided log-probabilities (B, V, h, w) for the map ``ids`` at levels σ (B,)."""

@@ -140,24 +140,27 @@ class BLIP3oPipeline:
             load_weights(decoder, run / "decoder" / MODEL_FILE)
         return cls(cfg, model, tokenizer, enc, decoder, untrained_head=None if trained else head)
 
+    SAMPLING = (
+        "steps",
+        "guidance_scale",
+        "eta",
+        "temperature",
+        "shift",
+        "reveal_order",
+        "confidence_noise",
+        "refine_steps",
+        "refine_threshold",
+    )
+    """The fields of :class:`~blip3o.config.model.GenerationConfig` that sampling reads (``shift`` is also the
+    training schedule's; sampling may override it)."""
+
     def apply_sampling(self, cfg: RunConfig) -> None:
-        """Take the sampling settings of ``cfg.model`` (the generation head's steps, guidance, schedule shift,
-        η and temperature; the pixel decoder's steps and guidance), e.g. a run config with overrides."""
+        """Take the sampling settings of ``cfg.model`` (the generation head's :attr:`SAMPLING`; the pixel
+        decoder's steps and guidance), e.g. a run config with overrides."""
         gen, dec = cfg.model.generation, cfg.model.decoder
         self.cfg = replace(
             self.cfg,
-            generation=replace(
-                self.cfg.generation,
-                steps=gen.steps,
-                guidance_scale=gen.guidance_scale,
-                eta=gen.eta,
-                temperature=gen.temperature,
-                shift=gen.shift,
-                reveal_order=gen.reveal_order,
-                confidence_noise=gen.confidence_noise,
-                refine_steps=gen.refine_steps,
-                refine_threshold=gen.refine_threshold,
-            ),
+            generation=replace(self.cfg.generation, **{k: getattr(gen, k) for k in self.SAMPLING}),
             decoder=replace(self.cfg.decoder, steps=dec.steps, guidance_scale=dec.guidance_scale),
         )
 
