@@ -16,6 +16,9 @@ from typing import Literal
 from blip3o.config.checks import ConfigError, check_float, check_int
 from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
 
+LAYOUT_VOCAB = 1 + (NUM_CLASS_IDS - 1) * (NUM_COLOUR_IDS - 1)
+"""Ids of a layout cell: 0 is background, 1 + (class − 1)·colours + (colour − 1) an object's class in its colour."""
+
 
 def _check_heads(key: str, width: int, heads: int, multiple: int = 1) -> None:
     if width % heads or (width // heads) % multiple:
@@ -290,6 +293,11 @@ class ModelConfig:
         """The generation DiT's patch size: a layout's cells of one map patch make one token, so the DiT sees
         the map's token grid whatever the layout's resolution; 1 for the other targets."""
         return self.vision.grounding_cells if self.generation.target == "layout" else 1
+
+    @property
+    def layout_side(self) -> int:
+        """Cells a side of the mini-CLIP's grounded reading: its map's grid times ``vision.grounding_cells``."""
+        return self.vision.target_grid * self.vision.grounding_cells
 
     @property
     def decoder_input(self) -> Literal["clip", "layout"]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from blip3o.config.checks import ConfigError, check_float, check_instance, check_int
 from blip3o.config.model import BackboneConfig, DiTConfig
@@ -86,6 +87,13 @@ class NextConfig:
     """Length of the text tokenizer before the image vocabulary is added (Qwen3: 151,669; the world BPE:
     ≤ 1024). The model's vocabulary is read from the tokenizer when one is at hand; this field gives the
     same layout without one (meta-device builds, :attr:`vocab_size`)."""
+    image_codes: Literal["vq", "layout"] = "vq"
+    """What an image token is. ``vq``: a code of the SimVQ image tokenizer over the vision features (TA-Tok,
+    the official path; trained by the ``image_tokenizer`` stage). ``layout``: one cell of the mini-CLIP's
+    grounded reading (which class in which colour the tower's per-patch grounding head sees there, one id of
+    :data:`blip3o.config.model.LAYOUT_VOCAB`), a fixed quantiser of the frozen features whose codebook is the
+    one-hot layouts, with nothing to train. Layout codes are local (an edit changes only the cells of what it
+    touches) and the shapes world's scorer reads exactly what they hold."""
     codebook_size: int = 1024
     """K, codes of the image tokenizer, one ``<I{k}>`` token each (TA-Tok: 65,536)."""
     num_scales: int = 1
@@ -190,6 +198,8 @@ class NextConfig:
         check_float("next.edit_strength", self.edit_strength, gt=0, le=1)
         check_int("next.edit_blend_margin", self.edit_blend_margin, ge=0)
         check_int("next.code_dim", self.code_dim, ge=1)
+        if self.image_codes not in ("vq", "layout"):
+            raise ConfigError(f"must be 'vq' or 'layout', got {self.image_codes!r}", key="next.image_codes")
         self.pool_factors = tuple(self.pool_factors)
         if len(self.pool_factors) != self.num_scales:
             raise ConfigError(

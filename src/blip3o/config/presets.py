@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from blip3o.config.io import apply_overrides
-from blip3o.config.model import BackboneConfig, DiTConfig, VisionConfig
+from blip3o.config.model import LAYOUT_VOCAB, BackboneConfig, DiTConfig, VisionConfig
 from blip3o.config.next import NextConfig, next_3b, shapes_next
 from blip3o.config.recipe import BLIP3O_STAGES, NEXT_STAGES, SHARED_STAGES, STAGES
 from blip3o.config.schema import ConfigError, RunConfig
@@ -197,15 +197,19 @@ def blip3o_4b() -> RunConfig:
 
 
 def next_for(cfg: RunConfig, base: NextConfig) -> NextConfig:
-    """``base`` wired to the shared parts of ``cfg``: the codes cover the mini-CLIP's generation map, the
-    connector writes that map's width, and SANA is the pixel decoder (same DiT, latents and spatial input)."""
+    """``base`` wired to the shared parts of ``cfg``: the codes cover the mini-CLIP's generation map (or, for
+    layout codes, each cell of its grounded reading), the connector writes what the pixel decoder reads, and
+    SANA is the pixel decoder (same DiT, latents and spatial input)."""
     model = cfg.model
     c, side, _ = model.latent_shape
+    codes = {"image_tokens": model.vision.target_grid**2}
+    if base.image_codes == "layout":
+        codes = {"image_tokens": model.layout_side**2, "codebook_size": LAYOUT_VOCAB, "num_scales": 1}
     return replace(
         base,
+        **codes,
         text_vocab_size=cfg.recipe.vocab_size,
-        image_tokens=model.vision.target_grid**2,
-        connector_dim=model.vision.hidden_size,
+        connector_dim=model.decoder_channels,
         sana=model.decoder.dit,
         spatial=model.decoder.spatial,
         latent_channels=c,
@@ -219,7 +223,8 @@ def with_next(cfg: RunConfig, base: NextConfig, name: str, steps: Mapping[str, i
     (the next and instruct stages train the backbone, the connector and ``next.train_sana``, see
     :func:`blip3o.train.recipe.stage_config`). ``steps`` overrides stage lengths."""
     stages = {k: replace(cfg.recipe.stage(k), steps=v) for k, v in (steps or {}).items()}
-    recipe = replace(cfg.recipe, stages=[*SHARED_STAGES, *NEXT_STAGES], **stages)
+    own = [s for s in NEXT_STAGES if s != "image_tokenizer" or base.image_codes == "vq"]
+    recipe = replace(cfg.recipe, stages=[*SHARED_STAGES, *own], **stages)
     return replace(cfg, name=name, next=next_for(cfg, base), recipe=recipe)
 
 
@@ -244,6 +249,15 @@ def shapes_next_run() -> RunConfig:
     the image tokenizer (1024 codes over the 8×8 CLIP map: 64 tokens per image), NEXT pre-training on
     captions, edits and image → text, and instruction tuning on a tag-balanced set."""
     return with_next(shapes_blip3o(), shapes_next_model(), "shapes-next")
+
+
+def shapes_next_layout() -> RunConfig:
+    """BLIP3o-NEXT over layout codes: the backbone writes the 16×16 cells of the mini-CLIP's grounded reading
+    (which class in which colour; 61 ids, 256 tokens an image) and their hidden states condition the layout
+    pixel decoder of ``shapes-blip3o-layout``, whose clip, vae and decoder stages it shares (``--reuse``)."""
+    base = replace(shapes_next_model(), image_codes="layout", top_k=None, top_p=0.95)
+    base = replace(base, backbone=replace(base.backbone, max_positions=1024))
+    return with_next(shapes_blip3o_layout(), base, "shapes-next-layout")
 
 
 def tiny_next() -> RunConfig:
@@ -296,6 +310,7 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "shapes-blip3o-layout": shapes_blip3o_layout,
     **{f"shapes-blip3o-{stage}": _stage_preset(stage) for stage in BLIP3O_STAGES},
     "shapes-next": shapes_next_run,
+    "shapes-next-layout": shapes_next_layout,
     "tiny-next": tiny_next,
     "blip3o-next-3b": blip3o_next_3b,
     "blip3o-8b": blip3o_8b,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from blip3o.config.checks import ConfigError, check_float, check_instance, check_int
 from blip3o.config.grpo import GRPOConfig
-from blip3o.config.model import ModelConfig
+from blip3o.config.model import LAYOUT_VOCAB, ModelConfig
 from blip3o.config.next import NextConfig
 from blip3o.config.recipe import NEXT_STAGES, RecipeConfig
 
@@ -117,6 +117,8 @@ class RunConfig:
             raise ConfigError(f"stages {next_stages} need a BLIP3o-NEXT model (the next section)", key="recipe.stages")
         if self.grpo is not None and self.next is None:
             raise ConfigError("GRPO tunes a BLIP3o-NEXT model; this config has no next section", key="grpo")
+        if self.next is not None and self.next.image_codes == "layout":
+            self._check_layout_codes()
         trainable = self.recipe.generation.trainable
         if self.model.generation.connector_layers and trainable and not {"connector", ""} & set(trainable):
             raise ConfigError(
@@ -129,3 +131,32 @@ class RunConfig:
                 f"must be <= world.n_prompts ({self.world.n_prompts}) or None, got {self.eval.n_prompts}",
                 key="eval.n_prompts",
             )
+
+    def _check_layout_codes(self) -> None:
+        """Layout image codes are the cells of the tower's grounded reading, and SANA is the pixel decoder
+        trained on those readings: the NEXT config has to agree with the model's layout on both."""
+        nxt, model = self.next, self.model
+        if "image_tokenizer" in self.recipe.stages:
+            raise ConfigError(
+                "next.image_codes=layout has no image tokenizer to train; drop the image_tokenizer stage",
+                key="recipe.stages",
+            )
+        if model.decoder_input != "layout":
+            raise ConfigError(
+                "next.image_codes=layout renders through a pixel decoder trained on layouts; set "
+                "model.generation.target=layout",
+                key="next.image_codes",
+            )
+        wanted = {
+            "codebook_size": LAYOUT_VOCAB,
+            "num_scales": 1,
+            "image_tokens": model.layout_side**2,
+            "connector_dim": model.decoder_channels,
+        }
+        for name, value in wanted.items():
+            if getattr(nxt, name) != value:
+                raise ConfigError(
+                    f"is {getattr(nxt, name)}, but layout codes of a {model.layout_side}×{model.layout_side} reading "
+                    f"need {value}",
+                    key=f"next.{name}",
+                )

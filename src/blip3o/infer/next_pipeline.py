@@ -31,9 +31,9 @@ from blip3o.diffusion.sampler import euler_sample
 from blip3o.infer.ar_sampling import ARSample, sample_image_tokens
 from blip3o.infer.pipeline import MODEL_FILE, NOISE_OFFSET, expand_requests, load_encoders, require, seeded_noise
 from blip3o.models.build import Encoders, load_weights
-from blip3o.models.image_tokenizer import ImageTokenizer
+from blip3o.models.image_tokenizer import ImageTokenizer, LayoutTokenizer
 from blip3o.models.next import BLIP3oNext, add_image_vocabulary
-from blip3o.train.next_tasks import build_image_tokenizer, image_codes
+from blip3o.train.next_tasks import image_codes, load_image_tokenizer
 
 NEXT_WEIGHTS = ("next", "instruct", "grpo")
 """The stages whose weights are a whole BLIP3o-NEXT model, in training order."""
@@ -81,7 +81,7 @@ class NextPipeline:
         cfg: RunConfig,
         model: BLIP3oNext,
         tokenizer: PreTrainedTokenizerBase,
-        image_tokenizer: ImageTokenizer,
+        image_tokenizer: ImageTokenizer | LayoutTokenizer,
         encoders: Encoders,
     ) -> None:
         if cfg.next is None:
@@ -102,8 +102,10 @@ class NextPipeline:
         text_vocab = len(tokenizer)
         vocab = add_image_vocabulary(tokenizer, cfg.next.codebook_size, cfg.next.num_scales)
         enc = load_encoders(run, cfg.model, text_vocab)
-        image_tokenizer = build_image_tokenizer(cfg.next, cfg.model)
-        load_weights(image_tokenizer, require(run / "image_tokenizer" / MODEL_FILE, "image_tokenizer"))
+        weights = None
+        if cfg.next.image_codes == "vq":
+            weights = require(run / "image_tokenizer" / MODEL_FILE, "image_tokenizer")
+        image_tokenizer = load_image_tokenizer(cfg.next, cfg.model, weights)
         model = BLIP3oNext.from_config(cfg.next, vocab)
         stage = last_stage(run) if stage is None else stage
         if stage not in NEXT_WEIGHTS:

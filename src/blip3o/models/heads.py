@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 from torch import nn
 
-from blip3o.config.model import DecoderConfig, DiTConfig
+from blip3o.config.model import LAYOUT_VOCAB, DecoderConfig, DiTConfig
 from blip3o.models.parts import build_lumina, build_sana
 from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
 
@@ -71,10 +71,6 @@ def snap_layout(scores: torch.Tensor, classes: int) -> torch.Tensor:
     colour = torch.where(kind > 0, colour, 0)
     onehot = torch.cat([F.one_hot(kind, classes), F.one_hot(colour, scores.shape[1] - classes)], -1)
     return onehot.permute(0, 3, 1, 2).to(scores.dtype) * 2 - 1
-
-
-LAYOUT_VOCAB = 1 + (NUM_CLASS_IDS - 1) * (NUM_COLOUR_IDS - 1)
-"""Ids of a layout cell: 0 is background, 1 + (class − 1)·colours + (colour − 1) an object's class in its colour."""
 
 
 def layout_to_ids(layout: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,9 @@ and BLIP3o-NEXT switches that off); codes are not L2-normalised; the codebook is
 initialised from LLM token embeddings; and the decoder is a token-wise MLP instead of a three-layer
 ViT. The quantiser losses live in ``forward`` because they are the quantiser's own regularisers and
 need the pre-straight-through tensors; all losses are reduced in fp32.
+
+:class:`LayoutTokenizer` is the other kind of image code (``next.image_codes=layout``): one token per cell of
+the mini-CLIP's grounded reading, a fixed quantiser whose codebook is the one-hot layouts (nothing to train).
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ from torch import nn
 
 from blip3o.config.checks import ConfigError, check_float, check_int
 from blip3o.config.next import ImageTokenizerConfig
+from blip3o.models.heads import LAYOUT_VOCAB, ids_to_layout, layout_to_ids
 
 __all__ = [
     "ImageTokenizer",
     "ImageTokenizerConfig",
+    "LayoutTokenizer",
     "QuantizerOutput",
     "SimVQ",
     "TokenizerOutput",
@@ -212,6 +217,10 @@ class ImageTokenizer(nn.Module):
             h = rearrange(F.interpolate(grid, scale_factor=p, mode="nearest"), "b c h w -> b (h w) c")  # (B, N, D)
         return h + self.mlp(h)
 
+    def codebook_vectors(self) -> torch.Tensor:
+        """The K code vectors (K, d) that image-token embeddings start from."""
+        return self.quantizer.codes()
+
     def encode(self, features: torch.Tensor, scale_index: int = 0) -> torch.Tensor:
         """features (B, N, D) → ids (B, (g/p)²) int64."""
         return self.quantizer.nearest(self._project(features, scale_index))
@@ -236,3 +245,45 @@ class ImageTokenizer(nn.Module):
             commit_loss=vq.commit_loss,
             loss=reconstruction_loss + vq.loss,
         )
+
+
+class LayoutTokenizer(nn.Module):
+    """Grounded layouts (B, classes + colours, s, s) ↔ cell ids (B, s²), row-major, one scale, no parameters.
+
+    A layout is the mini-CLIP's reading of an image (:meth:`blip3o.models.build.Encoders.layout`): each cell
+    one class in one colour, one-hot at ±1. Its id is :func:`blip3o.models.heads.layout_to_ids`' (0 for
+    background, then one per class-colour pair), so the codebook is the :data:`LAYOUT_VOCAB` one-hot layouts
+    and decoding is exact on snapped layouts.
+    """
+
+    def __init__(self, side: int) -> None:
+        super().__init__()
+        check_int("side", side, ge=1)
+        self.side = side
+        self.codebook_size = LAYOUT_VOCAB
+
+    def num_tokens(self, scale_index: int = 0) -> int:
+        """Tokens per image: one per cell."""
+        if scale_index != 0:
+            raise ValueError(f"layout codes have one scale (index 0), got scale_index {scale_index}")
+        return self.side**2
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """The one-hot layout cell of each id, (K, classes + colours)."""
+        return ids_to_layout(torch.arange(LAYOUT_VOCAB).view(1, 1, -1))[0, :, 0].T
+
+    def encode(self, layout: torch.Tensor, scale_index: int = 0) -> torch.Tensor:
+        """layout (B, classes + colours, s, s) → ids (B, s²) int64."""
+        n = self.num_tokens(scale_index)
+        if layout.ndim != 4 or layout.shape[-2:] != (self.side, self.side):
+            raise ValueError(
+                f"layout must be (B, classes + colours, {self.side}, {self.side}), got {tuple(layout.shape)}"
+            )
+        return layout_to_ids(layout).reshape(layout.shape[0], n)
+
+    def decode(self, ids: torch.Tensor, scale_index: int = 0) -> torch.Tensor:
+        """ids (B, s²) → the one-hot layout at ±1 (B, classes + colours, s, s)."""
+        n = self.num_tokens(scale_index)
+        if ids.ndim != 2 or ids.shape[1] != n:
+            raise ValueError(f"ids must be (B, {n}), got {tuple(ids.shape)}")
+        return ids_to_layout(ids.view(-1, self.side, self.side))

@@ -36,7 +36,7 @@ from blip3o.data.world_data import load_split
 from blip3o.diffusion.flow import flow_loss
 from blip3o.models.build import Encoders, load_weights
 from blip3o.models.heads import map_to_tokens
-from blip3o.models.image_tokenizer import ImageTokenizer, codebook_usage, perplexity
+from blip3o.models.image_tokenizer import ImageTokenizer, LayoutTokenizer, codebook_usage, perplexity
 from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary, condition_positions
 from blip3o.train.tasks import (
     StageTask,
@@ -49,20 +49,37 @@ from blip3o.train.tasks import (
 )
 
 
-def build_image_tokenizer(cfg: NextConfig, enc_cfg) -> ImageTokenizer:
-    """The image tokenizer of a NEXT config over the mini-CLIP's generation-target map."""
+def build_image_tokenizer(cfg: NextConfig, enc_cfg) -> ImageTokenizer | LayoutTokenizer:
+    """The image tokenizer of a NEXT config: SimVQ over the mini-CLIP's generation-target map, or the cells
+    of its grounded reading (``next.image_codes``)."""
+    if cfg.image_codes == "layout":
+        return LayoutTokenizer(enc_cfg.vision.target_grid * enc_cfg.vision.grounding_cells)
     return ImageTokenizer(cfg.tokenizer_config(), enc_cfg.vision.hidden_size, enc_cfg.vision.target_grid)
 
 
+def load_image_tokenizer(cfg: NextConfig, enc_cfg, weights: str | Path | None) -> ImageTokenizer | LayoutTokenizer:
+    """The run's image tokenizer in eval mode; ``weights`` (the ``image_tokenizer`` stage's) are needed for
+    SimVQ codes only, since layout codes have nothing to train."""
+    tokenizer = build_image_tokenizer(cfg, enc_cfg)
+    if isinstance(tokenizer, ImageTokenizer):
+        if weights is None:
+            raise ValueError("vq image codes need the image_tokenizer stage's weights; none given")
+        load_weights(tokenizer, weights)
+    return tokenizer.eval()
+
+
 @torch.no_grad()
-def image_codes(enc: Encoders, image_tokenizer: ImageTokenizer, pixels: torch.Tensor) -> torch.Tensor:
-    """Codes (B, n) of pixels (B, 3, H, W) in [-1, 1]: the tokenizer over the standardised CLIP map."""
+def image_codes(enc: Encoders, image_tokenizer: ImageTokenizer | LayoutTokenizer, pixels: torch.Tensor) -> torch.Tensor:
+    """Codes (B, n) of pixels (B, 3, H, W) in [-1, 1]: SimVQ over the standardised CLIP map, or the cells of
+    the tower's grounded reading."""
+    if isinstance(image_tokenizer, LayoutTokenizer):
+        return image_tokenizer.encode(enc.layout(pixels))
     return image_tokenizer.encode(map_to_tokens(enc.clip(pixels)))
 
 
 @torch.no_grad()
 def encode_images(
-    images: torch.Tensor, enc: Encoders, image_tokenizer: ImageTokenizer | None, chunk: int = 256
+    images: torch.Tensor, enc: Encoders, image_tokenizer: ImageTokenizer | LayoutTokenizer | None, chunk: int = 256
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Codes (N, n) (None without a tokenizer) and standardised VAE latents (N, c, h, w) of uint8 images."""
     codes = None
@@ -134,7 +151,7 @@ class NextTask(StageTask):
 
     Args (besides :class:`StageTask`'s):
         next_cfg: the model and its row mix.
-        image_tokenizer: weights of the ``image_tokenizer`` stage.
+        image_tokenizer: weights of the ``image_tokenizer`` stage (None for layout codes).
         decoder: weights of the ``decoder`` stage (the SANA to start from); used when ``init`` is None.
         init: weights of an earlier NEXT stage to continue from (the ``instruct`` stage).
         prompt_fraction: share of image rows asked for by the GenEval-style prompt rather than the caption.
@@ -145,7 +162,7 @@ class NextTask(StageTask):
         self,
         *args: Any,
         next_cfg: NextConfig,
-        image_tokenizer: str | Path,
+        image_tokenizer: str | Path | None,
         decoder: str | Path | None = None,
         init: str | Path | None = None,
         prompt_fraction: float = 0.0,
@@ -157,7 +174,7 @@ class NextTask(StageTask):
         self.next_cfg, self.decoder, self.init, self.prompt_fraction = next_cfg, decoder, init, prompt_fraction
         self.qa_turns = qa_turns
         self.vocab: ImageVocab = add_image_vocabulary(self.tokenizer, next_cfg.codebook_size, next_cfg.num_scales)
-        self.image_tokenizer = load_weights(build_image_tokenizer(next_cfg, self.cfg), image_tokenizer).eval()
+        self.image_tokenizer = load_image_tokenizer(next_cfg, self.cfg, image_tokenizer)
         n = self.image_tokenizer.num_tokens(0)
         if n != next_cfg.image_tokens:
             raise ValueError(f"next.image_tokens is {next_cfg.image_tokens} but the image tokenizer writes {n}")
@@ -194,7 +211,7 @@ class NextTask(StageTask):
         if self.decoder is None:
             raise ValueError("the next stage starts SANA from the decoder stage's weights; none given")
         model.load_decoder({k[4:]: v for k, v in load_file(str(self.decoder)).items() if k.startswith("dit.")})
-        model.init_image_embeddings(self.image_tokenizer.quantizer.codes())
+        model.init_image_embeddings(self.image_tokenizer.codebook_vectors())
         return model
 
     def indices(self, step: int, micro: int, rank: int, world_size: int) -> list[int]:

@@ -109,7 +109,9 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
         else:  # from the next stage, on the curated set
             start = {"init": require(out / "next" / MODEL_FILE, "next")}
             data = {"prompt_fraction": cfg.recipe.instruct_prompt_fraction, "curated": cfg.recipe.instruct_per_tag}
-        image_tokenizer = require(out / "image_tokenizer" / MODEL_FILE, "image_tokenizer")
+        image_tokenizer = None
+        if cfg.next.image_codes == "vq":
+            image_tokenizer = require(out / "image_tokenizer" / MODEL_FILE, "image_tokenizer")
         return NextTask(
             *common,
             **kwargs,

@@ -1,0 +1,129 @@
+"""BLIP3o-NEXT over layout codes (``next.image_codes=layout``): the tokenizer, the config checks, a tiny run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from blip3o.config import ConfigError
+from blip3o.config.io import apply_overrides
+from blip3o.config.model import LAYOUT_VOCAB
+from blip3o.config.presets import get_preset, shapes_next_model, tiny_debug, with_next
+from blip3o.data.processing import to_images, to_pixels
+from blip3o.data.world_data import load_split
+from blip3o.infer.next_pipeline import NextPipeline, load_pipeline
+from blip3o.models.build import clip_map
+from blip3o.models.heads import ids_to_layout, snap_layout
+from blip3o.models.image_tokenizer import LayoutTokenizer
+from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
+
+
+def test_layout_tokenizer_numbers_cells_by_class_and_colour_and_decodes_exactly():
+    tok = LayoutTokenizer(4)
+    g = torch.Generator().manual_seed(0)
+    layout = snap_layout(torch.randn(3, NUM_CLASS_IDS + NUM_COLOUR_IDS, 4, 4, generator=g), NUM_CLASS_IDS)
+    ids = tok.encode(layout)
+    assert ids.shape == (3, 16) and tok.num_tokens() == 16
+    # The id of a cell, by hand: 0 for background, else 1 + (class − 1)·(object colours) + (colour − 1).
+    kind = layout[:, :NUM_CLASS_IDS].argmax(1).flatten(1)
+    colour = layout[:, NUM_CLASS_IDS:].argmax(1).flatten(1)
+    want = torch.where(kind > 0, 1 + (kind - 1) * (NUM_COLOUR_IDS - 1) + colour - 1, 0)
+    assert torch.equal(ids, want)
+    assert torch.equal(tok.decode(ids), layout)
+    # The codebook: one distinct one-hot (±1) cell per id, one class and one colour hot each.
+    book = tok.codebook_vectors()
+    assert book.shape == (LAYOUT_VOCAB, NUM_CLASS_IDS + NUM_COLOUR_IDS)
+    assert torch.equal((book > 0).sum(1), torch.full((LAYOUT_VOCAB,), 2))
+    assert len({tuple(row.tolist()) for row in book}) == LAYOUT_VOCAB
+    assert torch.equal(book, ids_to_layout(torch.arange(LAYOUT_VOCAB).view(1, 1, -1))[0, :, 0].T)
+    with pytest.raises(ValueError, match=r"ids must be \(B, 16\)"):
+        tok.decode(ids[:, :5])
+    with pytest.raises(ValueError, match="one scale"):
+        tok.num_tokens(1)
+
+
+def test_the_layout_preset_is_wired_to_the_reading_and_bad_configs_are_refused():
+    cfg = get_preset("shapes-next-layout")
+    side = cfg.model.vision.target_grid * cfg.model.vision.grounding_cells
+    assert cfg.recipe.stages == ["clip", "vae", "decoder", "next", "instruct"]
+    assert (cfg.next.image_codes, cfg.next.codebook_size, cfg.next.image_tokens) == ("layout", LAYOUT_VOCAB, side**2)
+    assert cfg.next.connector_dim == NUM_CLASS_IDS + NUM_COLOUR_IDS and cfg.next.spatial
+    # Every shared part is the layout BLIP3-o preset's, so --reuse can link its stages.
+    blip3o = get_preset("shapes-blip3o-layout")
+    for part in ("vision", "vae", "decoder"):
+        assert getattr(cfg.model, part) == getattr(blip3o.model, part)
+    with pytest.raises(ConfigError, match=r"recipe\.stages: next\.image_codes=layout has no image tokenizer"):
+        apply_overrides(cfg, ["recipe.stages=[clip,vae,decoder,image_tokenizer,next]"])
+    with pytest.raises(ConfigError, match=r"next\.codebook_size: is 1024, but layout codes .* need 61"):
+        apply_overrides(cfg, ["next.codebook_size=1024"])
+    with pytest.raises(ConfigError, match=r"next\.image_codes: .* set model\.generation\.target=layout"):
+        apply_overrides(cfg, ["model.generation.target=clip", "model.generation.objective=flow"])
+    with pytest.raises(ConfigError, match=r"next\.image_codes: must be one of"):
+        apply_overrides(cfg, ["next.image_codes=pixels"])
+
+
+def _tiny_layout_next():
+    base = tiny_debug()
+    model = replace(base.model, generation=replace(base.model.generation, target="layout"))
+    nxt = replace(shapes_next_model(), image_codes="layout", top_k=None)
+    nxt = replace(nxt, backbone=replace(nxt.backbone, hidden_size=32, num_layers=1, head_dim=8, intermediate_size=64))
+    return with_next(replace(base, model=model), nxt, "tiny-next-layout")
+
+
+@pytest.fixture(scope="module")
+def layout_run(tmp_path_factory):
+    from blip3o.train.recipe import run_recipe
+
+    out = tmp_path_factory.mktemp("next-layout") / "run"
+    return out, run_recipe(_tiny_layout_next(), out, progress=False)
+
+
+def test_a_layout_run_trains_without_a_tokenizer_stage_and_reads_images_as_cells(layout_run):
+    out, summaries = layout_run
+    assert list(summaries) == ["clip", "vae", "decoder", "next", "instruct"]
+    assert not (out / "image_tokenizer").exists()
+    pipe = load_pipeline(out)
+    assert isinstance(pipe, NextPipeline) and isinstance(pipe.image_tokenizer, LayoutTokenizer)
+    pixels = to_pixels(load_split(out / "world", "heldout").images[:4])
+    # The codes are the cells of the tower's grounded reading: its per-patch head, read cell by cell.
+    enc = pipe.encoders
+    raw = clip_map(enc.vision, pixels, enc.pool)  # (B, D, g, g)
+    logits = enc.grounding(raw.flatten(2).mT).mT.unflatten(-1, raw.shape[-2:])  # one cell a patch here
+    kind = logits[:, :NUM_CLASS_IDS].argmax(1)
+    colour = logits[:, NUM_CLASS_IDS + 1 :].argmax(1)
+    want = torch.where(kind > 0, 1 + (kind - 1) * (NUM_COLOUR_IDS - 1) + colour, 0).flatten(1)
+    assert torch.equal(pipe.codes(pixels), want)
+    # Image-token embeddings start distinct (from the one-hot cells), not as one mean row.
+    first = pipe.model.vocab.code_range[0]
+    rows = pipe.model.backbone.get_input_embeddings().weight[first : first + LAYOUT_VOCAB]
+    assert torch.cdist(rows, rows).add(torch.eye(LAYOUT_VOCAB)).min() > 0
+
+
+def test_layout_codes_batch_like_single_prompts_and_blend_edits_cell_by_cell(layout_run, monkeypatch):
+    out, _ = layout_run
+    pipe = load_pipeline(out)
+    prompts = ["a photo of a red circle", "a photo of two blue stars and a green square"]
+    batch = pipe(prompts, seed=[5, 9])
+    alone = [pipe(p, seed=s)[0] for p, s in zip(prompts, [5, 9], strict=True)]
+    for a, b in zip(batch, alone, strict=True):
+        np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), atol=1)
+    # A blended edit whose written cells all equal the reference's is the reference's VAE reconstruction.
+    sample_tokens = pipe.sample_tokens
+
+    def copying(input_ids, attention_mask, seeds, cfg, references=None):
+        sample = sample_tokens(input_ids, attention_mask, seeds, cfg, references)
+        sample.tokens = torch.tensor(references) + pipe.model.vocab.first_code_id
+        return sample
+
+    monkeypatch.setattr(pipe, "sample_tokens", copying)
+    source = to_images(to_pixels(load_split(out / "world", "heldout").images[:1]))[0]
+    recon = to_images(pipe.encoders.decode(pipe.encoders.latents(to_pixels([source]))))[0]
+    pipe.apply_sampling(apply_overrides(_tiny_layout_next(), ["next.edit_blend=true"]))
+    blended = pipe.edit(source, "make the red circle blue", seed=0)[0]
+    np.testing.assert_allclose(np.asarray(blended, dtype=float), np.asarray(recon, dtype=float), atol=1)
