@@ -54,6 +54,7 @@ def test_the_layout_preset_is_wired_to_the_reading_and_bad_configs_are_refused()
     assert cfg.recipe.stages == ["clip", "vae", "decoder", "next", "instruct"]
     assert (cfg.next.image_codes, cfg.next.codebook_size, cfg.next.image_tokens) == ("layout", LAYOUT_VOCAB, side**2)
     assert cfg.next.connector_dim == NUM_CLASS_IDS + NUM_COLOUR_IDS and cfg.next.spatial
+    assert cfg.recipe.instruct.trainable == ["backbone", "connector", "dit"] and cfg.next.ar_guidance_scale == 1.5
     # Every shared part is the layout BLIP3-o preset's, so --reuse can link its stages.
     blip3o = get_preset("shapes-blip3o-layout")
     for part in ("vision", "vae", "decoder"):
