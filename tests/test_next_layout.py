@@ -128,3 +128,24 @@ def test_layout_codes_batch_like_single_prompts_and_blend_edits_cell_by_cell(lay
     pipe.apply_sampling(apply_overrides(_tiny_layout_next(), ["next.edit_blend=true"]))
     blended = pipe.edit(source, "make the red circle blue", seed=0)[0]
     np.testing.assert_allclose(np.asarray(blended, dtype=float), np.asarray(recon, dtype=float), atol=1)
+
+
+def test_image_rows_run_in_length_groups_whose_losses_are_the_whole_batch(layout_run):
+    """Text-to-image rows apart from the longer edit rows, each group trimmed to its longest row: the loss is
+    the one forward over the whole padded batch gives. Several ranks keep one group."""
+    from blip3o.train.next_tasks import length_groups
+    from blip3o.train.recipe import make_task
+
+    out, _ = layout_run
+    task = make_task("next", _tiny_layout_next(), out)
+    model = task.build_model().eval()
+    batch = next(b for step in range(20) if len((b := task.batch(step, 0, 0, 1)).get("groups", [])) == 2)
+    (_, split, first), (_, rows, second) = batch["groups"]
+    width = batch["image"]["input_ids"].shape[1]
+    assert first != second and max(first, second) == width  # one group is trimmed
+    whole = {**batch, "groups": [(0, rows, width)]}
+    with torch.no_grad():
+        grouped, single = task.loss(model, batch), task.loss(model, whole)
+    for key in ("loss", "ce", "flow"):
+        torch.testing.assert_close(grouped[key], single[key], rtol=1e-5, atol=1e-6)
+    assert length_groups(batch["image"]["attention_mask"], split, world_size=2) == [(0, rows, width)]
