@@ -28,9 +28,8 @@ from blip3o.data.next_inputs import image_prompts
 from blip3o.data.processing import to_pixels
 from blip3o.data.world_data import load_split
 from blip3o.infer.next_pipeline import NextPipeline
-from blip3o.infer.pipeline import MODEL_FILE, require
-from blip3o.models.build import load_weights
-from blip3o.train.next_tasks import build_image_tokenizer, image_codes
+from blip3o.infer.pipeline import require
+from blip3o.train.next_tasks import image_codes, image_tokenizer_weights, load_image_tokenizer
 from blip3o.train.recipe import encoders
 
 from common import emit
@@ -52,10 +51,9 @@ def main() -> None:
         enc, tokenizer = pipe.encoders, pipe.image_tokenizer
     else:
         enc = encoders(cfg, args.run)
-        tokenizer = build_image_tokenizer(cfg.next, cfg.model)
-        load_weights(tokenizer, require(args.run / "image_tokenizer" / MODEL_FILE, "image_tokenizer"))
+        tokenizer = load_image_tokenizer(cfg.next, cfg.model, image_tokenizer_weights(cfg.next, args.run))
     data = load_split(args.run / "world", "heldout")
-    sources = image_codes(enc, tokenizer.eval(), to_pixels(data.images[list(data.edited)]))
+    sources = image_codes(enc, tokenizer, to_pixels(data.images[list(data.edited)]))
     targets = image_codes(enc, tokenizer, to_pixels(data.edit_images[: len(data.edited)]))
     same = (sources == targets).float().mean(1)
     by_kind = defaultdict(list)

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from blip3o.config.checks import ConfigError, check_float, check_instance, check_int
-from blip3o.config.model import BackboneConfig, DiTConfig
+from blip3o.config.model import LAYOUT_VOCAB, BackboneConfig, DiTConfig, ModelConfig
 
-__all__ = ["SANA_TOP_MODULES", "ImageTokenizerConfig", "NextConfig", "next_3b", "shapes_next"]
+__all__ = ["SANA_TOP_MODULES", "ImageTokenizerConfig", "NextConfig", "layout_code_fields", "next_3b", "shapes_next"]
 
 SANA_TOP_MODULES: tuple[str, ...] = (
     "patch_embed",
@@ -258,6 +258,18 @@ class NextConfig:
     def latent_shape(self) -> tuple[int, int, int]:
         """(channels, side, side) of the VAE latents SANA denoises."""
         return self.latent_channels, self.latent_side, self.latent_side
+
+
+def layout_code_fields(model: ModelConfig) -> dict[str, int]:
+    """The :class:`NextConfig` counts that layout codes (``image_codes="layout"``) of ``model``'s grounded reading
+    fix: one code per cell id, one scale, one token per cell, and a connector as wide as the pixel decoder's
+    cell condition."""
+    return {
+        "codebook_size": LAYOUT_VOCAB,
+        "num_scales": 1,
+        "image_tokens": model.layout_side**2,
+        "connector_dim": model.decoder_channels,
+    }
 
 
 def next_3b() -> NextConfig:

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from blip3o.config.io import apply_overrides
-from blip3o.config.model import LAYOUT_VOCAB, BackboneConfig, DiTConfig, VisionConfig
-from blip3o.config.next import NextConfig, next_3b, shapes_next
+from blip3o.config.model import BackboneConfig, DiTConfig, VisionConfig
+from blip3o.config.next import NextConfig, layout_code_fields, next_3b, shapes_next
 from blip3o.config.recipe import BLIP3O_STAGES, NEXT_STAGES, SHARED_STAGES, STAGES
 from blip3o.config.schema import ConfigError, RunConfig
 
@@ -202,14 +202,13 @@ def next_for(cfg: RunConfig, base: NextConfig) -> NextConfig:
     SANA is the pixel decoder (same DiT, latents and spatial input)."""
     model = cfg.model
     c, side, _ = model.latent_shape
-    codes = {"image_tokens": model.vision.target_grid**2}
+    codes = {"image_tokens": model.vision.target_grid**2, "connector_dim": model.decoder_channels}
     if base.image_codes == "layout":
-        codes = {"image_tokens": model.layout_side**2, "codebook_size": LAYOUT_VOCAB, "num_scales": 1}
+        codes = layout_code_fields(model)
     return replace(
         base,
         **codes,
         text_vocab_size=cfg.recipe.vocab_size,
-        connector_dim=model.decoder_channels,
         sana=model.decoder.dit,
         spatial=model.decoder.spatial,
         latent_channels=c,

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from blip3o.config.checks import ConfigError, check_float, check_instance, check_int
 from blip3o.config.grpo import GRPOConfig
-from blip3o.config.model import LAYOUT_VOCAB, ModelConfig
-from blip3o.config.next import NextConfig
+from blip3o.config.model import ModelConfig
+from blip3o.config.next import NextConfig, layout_code_fields
 from blip3o.config.recipe import NEXT_STAGES, RecipeConfig
 
 __all__ = [
@@ -147,13 +147,7 @@ class RunConfig:
                 "model.generation.target=layout",
                 key="next.image_codes",
             )
-        wanted = {
-            "codebook_size": LAYOUT_VOCAB,
-            "num_scales": 1,
-            "image_tokens": model.layout_side**2,
-            "connector_dim": model.decoder_channels,
-        }
-        for name, value in wanted.items():
+        for name, value in layout_code_fields(model).items():
             if getattr(nxt, name) != value:
                 raise ConfigError(
                     f"is {getattr(nxt, name)}, but layout codes of a {model.layout_side}×{model.layout_side} reading "

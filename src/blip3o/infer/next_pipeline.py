@@ -33,7 +33,7 @@ from blip3o.infer.pipeline import MODEL_FILE, NOISE_OFFSET, expand_requests, loa
 from blip3o.models.build import Encoders, load_weights
 from blip3o.models.image_tokenizer import ImageTokenizer, LayoutTokenizer
 from blip3o.models.next import BLIP3oNext, add_image_vocabulary
-from blip3o.train.next_tasks import image_codes, load_image_tokenizer
+from blip3o.train.next_tasks import image_codes, image_tokenizer_weights, load_image_tokenizer
 
 NEXT_WEIGHTS = ("next", "instruct", "grpo")
 """The stages whose weights are a whole BLIP3o-NEXT model, in training order."""
@@ -102,10 +102,7 @@ class NextPipeline:
         text_vocab = len(tokenizer)
         vocab = add_image_vocabulary(tokenizer, cfg.next.codebook_size, cfg.next.num_scales)
         enc = load_encoders(run, cfg.model, text_vocab)
-        weights = None
-        if cfg.next.image_codes == "vq":
-            weights = require(run / "image_tokenizer" / MODEL_FILE, "image_tokenizer")
-        image_tokenizer = load_image_tokenizer(cfg.next, cfg.model, weights)
+        image_tokenizer = load_image_tokenizer(cfg.next, cfg.model, image_tokenizer_weights(cfg.next, run))
         model = BLIP3oNext.from_config(cfg.next, vocab)
         stage = last_stage(run) if stage is None else stage
         if stage not in NEXT_WEIGHTS:

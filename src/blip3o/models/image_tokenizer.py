@@ -260,7 +260,6 @@ class LayoutTokenizer(nn.Module):
         super().__init__()
         check_int("side", side, ge=1)
         self.side = side
-        self.codebook_size = LAYOUT_VOCAB
 
     def num_tokens(self, scale_index: int = 0) -> int:
         """Tokens per image: one per cell."""

@@ -36,6 +36,7 @@ from blip3o.data.next_inputs import image_rows, text_rows
 from blip3o.data.processing import IGNORE
 from blip3o.data.world_data import load_split
 from blip3o.diffusion.flow import flow_loss
+from blip3o.infer.pipeline import MODEL_FILE, require
 from blip3o.models.build import Encoders, load_weights
 from blip3o.models.heads import map_to_tokens
 from blip3o.models.image_tokenizer import ImageTokenizer, LayoutTokenizer, codebook_usage, perplexity
@@ -55,8 +56,14 @@ def build_image_tokenizer(cfg: NextConfig, enc_cfg) -> ImageTokenizer | LayoutTo
     """The image tokenizer of a NEXT config: SimVQ over the mini-CLIP's generation-target map, or the cells
     of its grounded reading (``next.image_codes``)."""
     if cfg.image_codes == "layout":
-        return LayoutTokenizer(enc_cfg.vision.target_grid * enc_cfg.vision.grounding_cells)
+        return LayoutTokenizer(enc_cfg.layout_side)
     return ImageTokenizer(cfg.tokenizer_config(), enc_cfg.vision.hidden_size, enc_cfg.vision.target_grid)
+
+
+def image_tokenizer_weights(cfg: NextConfig, run: Path) -> Path | None:
+    """The weights of run ``run``'s ``image_tokenizer`` stage, which SimVQ codes need (an error names the stage
+    when they are missing); None for layout codes, which have nothing to train."""
+    return require(run / "image_tokenizer" / MODEL_FILE, "image_tokenizer") if cfg.image_codes == "vq" else None
 
 
 def load_image_tokenizer(cfg: NextConfig, enc_cfg, weights: str | Path | None) -> ImageTokenizer | LayoutTokenizer:

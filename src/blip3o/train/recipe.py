@@ -37,7 +37,7 @@ from blip3o.data.world_data import load_split
 from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, load_encoders, require
 from blip3o.models.build import Encoders, measure_scales, unit_scales
 from blip3o.train.distributed import init_distributed
-from blip3o.train.next_tasks import ImageTokenizerTask, NextTask, codebook_report
+from blip3o.train.next_tasks import ImageTokenizerTask, NextTask, codebook_report, image_tokenizer_weights
 from blip3o.train.tasks import ClipTask, DecoderTask, GenerationTask, StageTask, UnderstandingTask, VAETask
 from blip3o.train.trainer import train
 from blip3o.world.corpus import world_texts
@@ -109,14 +109,11 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
         else:  # from the next stage, on the curated set
             start = {"init": require(out / "next" / MODEL_FILE, "next")}
             data = {"prompt_fraction": cfg.recipe.instruct_prompt_fraction, "curated": cfg.recipe.instruct_per_tag}
-        image_tokenizer = None
-        if cfg.next.image_codes == "vq":
-            image_tokenizer = require(out / "image_tokenizer" / MODEL_FILE, "image_tokenizer")
         return NextTask(
             *common,
             **kwargs,
             next_cfg=cfg.next,
-            image_tokenizer=image_tokenizer,
+            image_tokenizer=image_tokenizer_weights(cfg.next, out),
             qa_turns=cfg.recipe.qa_turns,
             **start,
             **data,
