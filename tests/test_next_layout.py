@@ -51,7 +51,7 @@ def test_layout_tokenizer_numbers_cells_by_class_and_colour_and_decodes_exactly(
 def test_the_layout_preset_is_wired_to_the_reading_and_bad_configs_are_refused():
     cfg = get_preset("shapes-next-layout")
     side = cfg.model.vision.target_grid * cfg.model.vision.grounding_cells
-    assert cfg.recipe.stages == ["clip", "vae", "decoder", "next", "instruct"]
+    assert cfg.recipe.stages == ["clip", "vae", "reader", "decoder", "next", "instruct"]
     assert (cfg.next.image_codes, cfg.next.codebook_size, cfg.next.image_tokens) == ("layout", LAYOUT_VOCAB, side**2)
     assert cfg.next.connector_dim == NUM_CLASS_IDS + NUM_COLOUR_IDS and cfg.next.spatial
     assert cfg.recipe.instruct.trainable == ["backbone", "connector", "dit"] and cfg.next.ar_guidance_scale == 1.5
@@ -60,7 +60,7 @@ def test_the_layout_preset_is_wired_to_the_reading_and_bad_configs_are_refused()
     for part in ("vision", "vae", "decoder"):
         assert getattr(cfg.model, part) == getattr(blip3o.model, part)
     with pytest.raises(ConfigError, match=r"recipe\.stages: next\.image_codes=layout has no image tokenizer"):
-        apply_overrides(cfg, ["recipe.stages=[clip,vae,decoder,image_tokenizer,next]"])
+        apply_overrides(cfg, ["recipe.stages=[clip,vae,reader,decoder,image_tokenizer,next]"])
     with pytest.raises(ConfigError, match=r"next\.codebook_size: is 1024, but layout codes .* need 61"):
         apply_overrides(cfg, ["next.codebook_size=1024"])
     with pytest.raises(ConfigError, match=r"next\.image_codes: .* set model\.generation\.target=layout"):

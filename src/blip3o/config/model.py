@@ -72,10 +72,15 @@ class VisionConfig:
     """Cells per side of each map patch that the mini-CLIP's per-patch grounding head labels (shapes scale):
     2 reads every 8-px patch as 2×2 cells of 4 px, so a layout target (``generation.target=layout``) is
     a 16×16 grid on the 8×8 map."""
+    reader_width: int = 0
+    """0: layouts are read by the mini-CLIP's own linear grounding head. Above 0: by a convolutional layout
+    reader of this width (:class:`blip3o.models.heads.LayoutReader`) that the ``reader`` stage trains on the
+    frozen tower's map; it sees each patch's neighbours and names objects' classes far more often."""
 
     def __post_init__(self) -> None:
         check_int("vision.image_size", self.image_size, ge=16, le=1024)
         check_int("vision.grounding_cells", self.grounding_cells, ge=1, le=8)
+        check_int("vision.reader_width", self.reader_width, ge=0)
         check_int("vision.patch_size", self.patch_size, ge=1)
         if self.image_size % self.patch_size:
             raise ConfigError(f"must divide image_size {self.image_size}", key="vision.patch_size")

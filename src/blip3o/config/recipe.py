@@ -1,7 +1,8 @@
 """The staged training recipe: which stages run, how generation is trained, and each stage's TrainConfig.
 
 The BLIP3-o shapes recipe runs ``clip → vae → decoder → understanding → generation``; the BLIP3o-NEXT
-one ``clip → vae → decoder → image_tokenizer → next → instruct``. ``training``
+one ``clip → vae → decoder → image_tokenizer → next → instruct``. Layout presets add ``reader`` (a layout
+reader on the frozen mini-CLIP) before ``decoder``. ``training``
 chooses the paper's **sequential** scheme (understanding first, then generation with the backbone
 frozen) or **joint** training (backbone trainable, understanding batches mixed into generation steps
 with weight ``joint_weight``).
@@ -18,6 +19,7 @@ from blip3o.config.train import OptimConfig, TrainConfig
 STAGES: tuple[str, ...] = (
     "clip",
     "vae",
+    "reader",
     "decoder",
     "understanding",
     "generation",
@@ -28,7 +30,7 @@ STAGES: tuple[str, ...] = (
 """Every stage in its required order: the BLIP3-o stages, then the BLIP3o-NEXT ones (which share the first three)."""
 NEXT_STAGES: tuple[str, ...] = ("image_tokenizer", "next", "instruct")
 BLIP3O_STAGES: tuple[str, ...] = ("clip", "vae", "decoder", "understanding", "generation")
-SHARED_STAGES: tuple[str, ...] = ("clip", "vae", "decoder")
+SHARED_STAGES: tuple[str, ...] = ("clip", "vae", "reader", "decoder")
 """Stages a BLIP3o-NEXT run can take from a BLIP3-o run."""
 
 
@@ -56,6 +58,8 @@ class RecipeConfig:
     """Size of the BPE tokenizer trained on the world's text."""
     clip: TrainConfig = field(default_factory=lambda: _stage(600, 32, 1e-3))
     vae: TrainConfig = field(default_factory=lambda: _stage(1000, 16, 2e-3))
+    reader: TrainConfig = field(default_factory=lambda: _stage(3000, 128, 2e-3))
+    """The layout reader (``model.vision.reader_width``), on the frozen mini-CLIP's maps."""
     decoder: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3))
     understanding: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["backbone", "projector"]))
     generation: TrainConfig = field(default_factory=lambda: _stage(1500, 32, 1e-3, ["queries", "connector", "head"]))

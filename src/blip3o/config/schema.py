@@ -115,6 +115,12 @@ class RunConfig:
         next_stages = [s for s in self.recipe.stages if s in NEXT_STAGES]
         if next_stages and self.next is None:
             raise ConfigError(f"stages {next_stages} need a BLIP3o-NEXT model (the next section)", key="recipe.stages")
+        if "reader" in self.recipe.stages and not self.model.vision.reader_width:
+            raise ConfigError(
+                "the reader stage trains a layout reader of width model.vision.reader_width, which is 0; set it "
+                "(e.g. 128) or drop the stage",
+                key="recipe.stages",
+            )
         if self.grpo is not None and self.next is None:
             raise ConfigError("GRPO tunes a BLIP3o-NEXT model; this config has no next section", key="grpo")
         if self.next is not None and self.next.image_codes == "layout":

@@ -70,13 +70,16 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devic
 
 
 def load_encoders(run: Path, cfg: ModelConfig, text_vocab_size: int) -> Encoders:
-    """The frozen mini-CLIP vision tower and VAE of a run directory, with its measured scales."""
+    """The frozen mini-CLIP vision tower and VAE of a run directory, with its measured scales, and its layout
+    reader once the reader stage has trained it (``vision.reader_width`` > 0)."""
+    reader = run / "reader" / MODEL_FILE
     return Encoders.from_weights(
         cfg,
         text_vocab_size,
         require(run / "clip" / MODEL_FILE, "clip"),
         require(run / "vae" / MODEL_FILE, "vae"),
         load_file(str(require(run / SCALES_FILE, "clip and vae"))),
+        reader if cfg.vision.reader_width and reader.is_file() else None,
     )
 
 

@@ -12,11 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from blip3o.config.model import ModelConfig
+from blip3o.config.model import ModelConfig, VisionConfig
 from blip3o.data.processing import to_pixels
 from blip3o.data.tokenizer import IMAGE_TOKEN
 from blip3o.models.heads import (
     FlowHead,
+    LayoutReader,
     MaskedHead,
     RegressionHead,
     cells_to_map,
@@ -35,6 +36,11 @@ def grounding_width(cells: int) -> int:
     """Outputs of the mini-CLIP's per-patch grounding head: class and colour logits for each of a patch's
     ``cells``×``cells`` cells."""
     return cells * cells * (NUM_CLASS_IDS + NUM_COLOUR_IDS)
+
+
+def build_reader(cfg: VisionConfig) -> LayoutReader:
+    """The layout reader of ``cfg`` (``reader_width`` > 0) over the mini-CLIP's map."""
+    return LayoutReader(cfg.hidden_size, cfg.reader_width, cfg.grounding_cells)
 
 
 def load_weights(module: nn.Module, path: str | Path, prefix: str = "", skip: tuple[str, ...] = ()) -> nn.Module:
@@ -88,12 +94,19 @@ class Encoders:
         pool: int,
         scales: dict[str, torch.Tensor],
         grounding: nn.Module | None = None,
+        reader: nn.Module | None = None,
+        needs_reader: bool = False,
     ) -> None:
         """``grounding``: the mini-CLIP's per-patch head (feature → class and colour logits) that
-        :meth:`layout` reads the map with; None for a tower trained without one."""
+        :meth:`layout` reads the map with; None for a tower trained without one. ``reader``: a
+        :class:`~blip3o.models.heads.LayoutReader` that reads layouts instead; ``needs_reader``: the config
+        asks for one, so that reading a layout without it is an error rather than the linear head's reading."""
         self.vision, self.vae = vision.eval(), vae.eval()
         self.grounding = grounding.eval() if grounding is not None else None
-        for p in [*self.vision.parameters(), *self.vae.parameters(), *(grounding or nn.Module()).parameters()]:
+        self.reader = reader.eval() if reader is not None else None
+        self.needs_reader = needs_reader
+        parts = [self.vision, self.vae, grounding or nn.Module(), reader or nn.Module()]
+        for p in (p for part in parts for p in part.parameters()):
             p.requires_grad_(False)
         self.pool, self.scales = pool, scales
 
@@ -105,7 +118,10 @@ class Encoders:
         clip_weights: str | Path,
         vae_weights: str | Path,
         scales: dict[str, torch.Tensor],
+        reader_weights: str | Path | None = None,
     ) -> Encoders:
+        """The encoders of a run's weights; ``reader_weights``: a reader stage's (``vision.reader_width`` > 0),
+        None before that stage has trained."""
         vision = load_weights(build_clip(cfg.vision, vocab_size), clip_weights, prefix="clip.").vision_model
         vae = load_weights(build_vae(cfg.vae), vae_weights, prefix="vae.")
         grounding = None
@@ -122,7 +138,10 @@ class Encoders:
                 )
             grounding = nn.Linear(cfg.vision.hidden_size, width)
             load_weights(grounding, clip_weights, prefix=GROUNDING_PREFIX)
-        return cls(vision, vae, cfg.vision.pool, scales, grounding)
+        reader = None
+        if reader_weights is not None:
+            reader = load_weights(build_reader(cfg.vision), reader_weights)
+        return cls(vision, vae, cfg.vision.pool, scales, grounding, reader, needs_reader=cfg.vision.reader_width > 0)
 
     @torch.no_grad()
     def clip(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -133,7 +152,14 @@ class Encoders:
     def layout(self, pixels: torch.Tensor) -> torch.Tensor:
         """The grounded reading of the CLIP map (B, classes + colours, g·c, g·c): which class and which colour
         the tower's grounding head sees on each patch, or on each of its c×c cells, one-hot at ±1
-        (:func:`snap_layout`)."""
+        (:func:`snap_layout`). A layout reader, when the run has one, reads the map instead of the linear head."""
+        if self.reader is not None:
+            return snap_layout(self.reader(clip_map(self.vision, pixels, self.pool)), NUM_CLASS_IDS)
+        if self.needs_reader:
+            raise ValueError(
+                "vision.reader_width > 0 reads layouts with the reader stage's layout reader, and this run has "
+                "none yet: train the reader stage first"
+            )
         if self.grounding is None:
             raise ValueError(
                 "a layout target needs the mini-CLIP's per-patch grounding head, and these clip weights have none"

@@ -59,6 +59,29 @@ def cells_to_map(x: torch.Tensor, cells: int) -> torch.Tensor:
     return x.view(b, g, g, cells, cells, k).permute(0, 5, 1, 3, 2, 4).reshape(b, k, g * cells, g * cells)
 
 
+class LayoutReader(nn.Module):
+    """The frozen mini-CLIP's map (B, D, g, g) → class and colour logits of each of its patches' c×c cells,
+    (B, classes + colours, g·c, g·c), class logits first (what :func:`snap_layout` reads).
+
+    Two 3×3 convolutions, so a patch's label sees its neighbours: the tower's own linear grounding head reads
+    each patch alone and names the class of about 0.73 of object cells on the shapes world, a reader of
+    width 128 on the same frozen map 0.91 (docs/blip3o.md, "A layout reader")."""
+
+    def __init__(self, dim: int, width: int, cells: int) -> None:
+        super().__init__()
+        self.cells = cells
+        self.net = nn.Sequential(
+            nn.Conv2d(dim, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, cells * cells * (NUM_CLASS_IDS + NUM_COLOUR_IDS), 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.net(features), self.cells)
+
+
 def snap_layout(scores: torch.Tensor, classes: int) -> torch.Tensor:
     """Per-patch scores (B, classes + colours, g, g), class scores first, → the one-hot layout at ±1.
 

@@ -5,7 +5,7 @@ Run directory::
     config.yaml      the resolved RunConfig
     world/           the shapes world (made once, reused when the world config matches)
     tokenizer/       the BPE tokenizer trained on the world's text
-    clip/ vae/ decoder/ understanding/ generation/   one trainer run per stage (metrics, curves, checkpoints,
+    clip/ vae/ reader/ decoder/ understanding/ generation/   one trainer run per stage (metrics, curves, checkpoints,
                      model.safetensors, summary.json)
     image_tokenizer/ next/ instruct/   the BLIP3o-NEXT stages (image_tokenizer/codebook.json: codebook usage
                      and perplexity over held-out images)
@@ -38,7 +38,15 @@ from blip3o.infer.pipeline import MODEL_FILE, SCALES_FILE, load_encoders, requir
 from blip3o.models.build import Encoders, measure_scales, unit_scales
 from blip3o.train.distributed import init_distributed
 from blip3o.train.next_tasks import ImageTokenizerTask, NextTask, codebook_report, image_tokenizer_weights
-from blip3o.train.tasks import ClipTask, DecoderTask, GenerationTask, StageTask, UnderstandingTask, VAETask
+from blip3o.train.tasks import (
+    ClipTask,
+    DecoderTask,
+    GenerationTask,
+    ReaderTask,
+    StageTask,
+    UnderstandingTask,
+    VAETask,
+)
 from blip3o.train.trainer import train
 from blip3o.world.corpus import world_texts
 from blip3o.world.shards import ensure_world
@@ -96,6 +104,8 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
     if stage == "vae":
         return VAETask(*common, **kwargs)
     kwargs["encoders"] = encoders(cfg, out)
+    if stage == "reader":
+        return ReaderTask(*common, **kwargs)
     if stage == "decoder":
         return DecoderTask(*common, **kwargs)
     if stage == "understanding":

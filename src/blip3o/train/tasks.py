@@ -30,7 +30,7 @@ from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
 from blip3o.diffusion.masked import corrupt_cells, mask_cells, masked_ce
-from blip3o.models.build import Encoders, build_blip3o, grounding_width, load_weights
+from blip3o.models.build import Encoders, build_blip3o, build_reader, clip_map, grounding_width, load_weights
 from blip3o.models.heads import LAYOUT_VOCAB, PixelDecoder, layout_to_ids, map_to_tokens
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import GENERATION_PARTS
@@ -372,6 +372,36 @@ def flow_step(
     noise = torch.randn(x0.shape, generator=g)
     keep = (torch.rand(x0.shape[0], generator=g) >= cfg_dropout).float()
     return sigma, interpolate(x0, noise, sigma), velocity_target(x0, noise), keep
+
+
+class ReaderTask(StageTask):
+    """Layout reader (:class:`~blip3o.models.heads.LayoutReader`): the frozen mini-CLIP's map of each training
+    image → the class and colour of each cell of its layout (:func:`grounding_targets`), cross-entropy on both."""
+
+    def build_model(self) -> nn.Module:
+        return build_reader(self.cfg.vision)
+
+    @cached_property
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tower's map of every training image (the tower is frozen) and its cells' class and colour ids
+        (B, s, s), built at the first batch."""
+        maps = encode_in_chunks(self.data.images, lambda px: clip_map(self.enc.vision, px, self.enc.pool))
+        side = self.cfg.layout_side
+        classes, colours = grounding_targets(self.data.meta, side)
+        return maps, classes.view(-1, side, side), colours.view(-1, side, side)
+
+    def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
+        idx = self.indices(step, micro, rank, world_size)
+        maps, classes, colours = self.targets
+        return {"maps": maps[idx], "classes": classes[idx], "colours": colours[idx]}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits = model(batch["maps"]).permute(0, 2, 3, 1)  # (B, s, s, classes + colours)
+        k, classes = NUM_CLASS_IDS, batch["classes"]
+        loss = labelled_ce(logits[..., :k], classes) + labelled_ce(logits[..., k:], batch["colours"])
+        on_object = classes > 0
+        right = (logits[..., :k].argmax(-1) == classes) & on_object
+        return {"loss": loss, "object_cell_acc": (right.sum() / on_object.sum().clamp_min(1)).detach()}
 
 
 class DecoderTask(StageTask):
