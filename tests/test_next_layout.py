@@ -149,3 +149,64 @@ def test_image_rows_run_in_length_groups_whose_losses_are_the_whole_batch(layout
     for key in ("loss", "ce", "flow"):
         torch.testing.assert_close(grouped[key], single[key], rtol=1e-5, atol=1e-6)
     assert length_groups(batch["image"]["attention_mask"], split, world_size=2) == [(0, rows, width)]
+
+
+def _starts_by_hand(grid: torch.Tensor) -> torch.Tensor:
+    """Object cells whose left and upper neighbours are background or outside, cell by cell."""
+    s = grid.shape[0]
+    out = torch.zeros_like(grid, dtype=torch.bool)
+    for r in range(s):
+        for c in range(s):
+            clear_left = c == 0 or grid[r, c - 1] == 0
+            clear_up = r == 0 or grid[r - 1, c] == 0
+            out[r, c] = bool(grid[r, c] != 0) and clear_left and clear_up
+    return out
+
+
+@pytest.mark.parametrize("train_prompt_text", [False, True])
+def test_start_cells_weigh_where_objects_begin(layout_run, train_prompt_text):
+    """The start-cell mask marks, in every labelled image block (edit references included when the prompt is
+    trained), the cells a cell-by-cell scan finds; the weighted loss is the hand-weighted CE and equals the
+    plain one at weight 1."""
+    import torch.nn.functional as F
+
+    from blip3o.train.next_tasks import start_cells, weighted_lm_loss
+    from blip3o.train.recipe import make_task
+    from blip3o.train.tasks import causal_lm_loss
+
+    out, _ = layout_run
+    cfg = apply_overrides(_tiny_layout_next(), [f"next.train_prompt_text={str(train_prompt_text).lower()}"])
+    task = make_task("next", cfg, out)
+    batch = next(b for step in range(20) if len((b := task.batch(step, 0, 0, 1)).get("groups", [])) == 2)
+    labels, vocab = batch["image"]["labels"], task.vocab
+    side = task.image_tokenizer.side
+    mask = start_cells(labels, vocab, side)
+    target = labels[:, 1:]
+    for row in range(len(labels)):
+        codes = target[row][vocab.is_code(target[row])] - vocab.first_code_id
+        assert len(codes) % side**2 == 0 and len(codes) >= side**2
+        want = torch.cat([_starts_by_hand(block.view(side, side)).flatten() for block in codes.split(side**2)])
+        assert torch.equal(mask[row][vocab.is_code(target[row])], want)
+        assert not mask[row][~vocab.is_code(target[row])].any()
+    assert mask.any()
+    logits = torch.randn(*labels.shape, len(task.tokenizer))
+    weights = 1 + 4.0 * mask
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
+    by_hand = (ce * weights.flatten()).sum() / (target != -100).sum()
+    torch.testing.assert_close(weighted_lm_loss(logits, labels, weights), by_hand)
+    plain_ce = causal_lm_loss(logits, labels)
+    torch.testing.assert_close(weighted_lm_loss(logits, labels, torch.ones_like(weights)), plain_ce)
+    # In training, a weight above 1 raises the CE by the start cells' extra weight.
+    model = task.build_model().eval()
+    heavy = make_task("next", apply_overrides(cfg, ["next.start_cell_weight=5"]), out)
+    with torch.no_grad():
+        plain, weighted = task.loss(model, batch), heavy.loss(model, batch)
+    assert weighted["ce"] > plain["ce"]
+    torch.testing.assert_close(weighted["flow"], plain["flow"])
+
+
+def test_start_cell_weight_needs_layout_codes():
+    with pytest.raises(ConfigError, match=r"next\.start_cell_weight: weighs layout cells"):
+        apply_overrides(get_preset("shapes-next"), ["next.start_cell_weight=5"])
+    with pytest.raises(ConfigError, match=r"next\.start_cell_weight"):
+        apply_overrides(get_preset("shapes-next-layout"), ["next.start_cell_weight=0.5"])

@@ -157,6 +157,33 @@ def length_groups(attention_mask: torch.Tensor, split: int, world_size: int = 1)
     return [(a, b, max(lengths[a:b])) for a, b in pairwise(bounds) if b > a]
 
 
+def start_cells(labels: torch.Tensor, vocab: ImageVocab, side: int) -> torch.Tensor:
+    """Bool mask, shaped like ``labels[:, 1:]`` (the next-token targets), of the layout cells where an object
+    starts in raster order: an object code (not code 0, the background) whose left and upper neighbours in
+    its ``side`` × ``side`` image are background or past the image's edge. Every labelled image block holds
+    ``side``² consecutive codes (a target, or a labelled reference before it), so a code's cell is its
+    count among the row's labelled codes modulo ``side``²; its neighbours lie 1 and ``side`` tokens back."""
+    target = labels[:, 1:]
+    code = vocab.is_code(target)
+    cell = (code.cumsum(1) - 1) % (side * side)
+    background = target == vocab.first_code_id
+
+    def behind(k: int) -> torch.Tensor:  # is the code k tokens back background?
+        return F.pad(background, (k, 0))[:, : background.shape[1]]
+
+    left_clear = (cell % side == 0) | behind(1)
+    up_clear = (cell < side) | behind(side)
+    return code & ~background & left_clear & up_clear
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token CE in float32, each labelled target weighted by ``weights`` (shaped like ``labels[:, 1:]``),
+    summed and divided by the number of labelled targets (so weights of 1 give :func:`causal_lm_loss`)."""
+    target = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="none")
+    return (ce * weights.flatten()).sum() / (target != IGNORE).sum().clamp_min(1)
+
+
 def curated_indices(meta: list[dict[str, Any]], per_tag: int, seed: int) -> list[int]:
     """Up to ``per_tag`` scenes of each GenEval tag, drawn with ``seed``: a tag-balanced instruction set."""
     by_tag: dict[str, list[int]] = defaultdict(list)
@@ -311,7 +338,12 @@ class NextTask(StageTask):
                     num_tokens=cfg.image_tokens,
                 )
                 labels = rows["labels"][r, :width]
-                ce = ce + causal_lm_loss(out.logits, labels) * (labels[:, 1:] != IGNORE).sum() / labelled
+                if cfg.start_cell_weight == 1:
+                    group_ce = causal_lm_loss(out.logits, labels)
+                else:
+                    starts = start_cells(labels, self.vocab, self.image_tokenizer.side)
+                    group_ce = weighted_lm_loss(out.logits, labels, 1 + (cfg.start_cell_weight - 1) * starts)
+                ce = ce + group_ce * (labels[:, 1:] != IGNORE).sum() / labelled
                 flow = flow + flow_loss(out.velocity, target[r]) * (stop - start) / len(x_t)
         if "text" in batch:
             rows = batch["text"]
