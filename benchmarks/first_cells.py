@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from blip3o.config.model import LAYOUT_VOCAB
 from blip3o.data.next_inputs import image_prompts, image_rows
 from blip3o.data.processing import to_pixels
 from blip3o.data.world_data import load_split
@@ -44,7 +43,7 @@ def teacher_forced(pipe: NextPipeline, run: Path, n: int) -> None:
     logits = pipe.model.backbone(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
     labels = rows["labels"]
     written = vocab.is_code(labels[:, 1:])
-    cell_logits = logits[:, :-1][written][:, vocab.first_code_id : vocab.first_code_id + LAYOUT_VOCAB]
+    cell_logits = logits[:, :-1][written][:, slice(*vocab.code_range)]
     obj, kind, colour = id_factors(labels[:, 1:][written] - vocab.first_code_id)
     objects = cell_logits[:, 1:].softmax(-1).view(-1, len(SHAPES), NUM_COLOUR_IDS - 1)  # class-major object ids
     said_kind, said_colour = objects.sum(2).argmax(1) + 1, objects.sum(1).argmax(1)

@@ -170,7 +170,7 @@ def test_start_cells_weigh_where_objects_begin(layout_run, train_prompt_text):
     plain one at weight 1."""
     import torch.nn.functional as F
 
-    from blip3o.train.next_tasks import start_cells, weighted_lm_loss
+    from blip3o.train.next_tasks import start_cells
     from blip3o.train.recipe import make_task
     from blip3o.train.tasks import causal_lm_loss
 
@@ -193,9 +193,9 @@ def test_start_cells_weigh_where_objects_begin(layout_run, train_prompt_text):
     weights = 1 + 4.0 * mask
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
     by_hand = (ce * weights.flatten()).sum() / (target != -100).sum()
-    torch.testing.assert_close(weighted_lm_loss(logits, labels, weights), by_hand)
+    torch.testing.assert_close(causal_lm_loss(logits, labels, weights), by_hand)
     plain_ce = causal_lm_loss(logits, labels)
-    torch.testing.assert_close(weighted_lm_loss(logits, labels, torch.ones_like(weights)), plain_ce)
+    torch.testing.assert_close(causal_lm_loss(logits, labels, torch.ones_like(weights)), plain_ce)
     # In training, a weight above 1 raises the CE by the start cells' extra weight.
     model = task.build_model().eval()
     heavy = make_task("next", apply_overrides(cfg, ["next.start_cell_weight=5"]), out)

@@ -176,14 +176,6 @@ def start_cells(labels: torch.Tensor, vocab: ImageVocab, side: int) -> torch.Ten
     return code & ~background & left_clear & up_clear
 
 
-def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Next-token CE in float32, each labelled target weighted by ``weights`` (shaped like ``labels[:, 1:]``),
-    summed and divided by the number of labelled targets (so weights of 1 give :func:`causal_lm_loss`)."""
-    target = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="none")
-    return (ce * weights.flatten()).sum() / (target != IGNORE).sum().clamp_min(1)
-
-
 def curated_indices(meta: list[dict[str, Any]], per_tag: int, seed: int) -> list[int]:
     """Up to ``per_tag`` scenes of each GenEval tag, drawn with ``seed``: a tag-balanced instruction set."""
     by_tag: dict[str, list[int]] = defaultdict(list)
@@ -338,11 +330,11 @@ class NextTask(StageTask):
                     num_tokens=cfg.image_tokens,
                 )
                 labels = rows["labels"][r, :width]
-                if cfg.start_cell_weight == 1:
-                    group_ce = causal_lm_loss(out.logits, labels)
-                else:
+                weights = None
+                if cfg.start_cell_weight != 1:
                     starts = start_cells(labels, self.vocab, self.image_tokenizer.side)
-                    group_ce = weighted_lm_loss(out.logits, labels, 1 + (cfg.start_cell_weight - 1) * starts)
+                    weights = 1 + (cfg.start_cell_weight - 1) * starts
+                group_ce = causal_lm_loss(out.logits, labels, weights)
                 ce = ce + group_ce * (labels[:, 1:] != IGNORE).sum() / labelled
                 flow = flow + flow_loss(out.velocity, target[r]) * (stop - start) / len(x_t)
         if "text" in batch:

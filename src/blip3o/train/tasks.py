@@ -235,10 +235,16 @@ class ClipTask(StageTask):
         }
 
 
-def labelled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labelled entries (label != -100); 0 when none is labelled."""
+def labelled_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the labelled entries (label != -100); 0 when none is labelled. With ``weights``
+    (shaped like ``labels``) each entry's CE is weighted before summing; the divisor stays the labelled count."""
     labels = labels.flatten()
-    total = F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum")
+    logits = logits.flatten(0, -2).float()
+    if weights is None:
+        total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    else:
+        ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+        total = (ce * weights.flatten()).sum()
     return total / (labels != -100).sum().clamp_min(1)
 
 
@@ -500,9 +506,10 @@ def understanding_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     return causal_lm_loss(logits, batch["labels"])
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE in float32, averaged over the labelled tokens."""
-    return labelled_ce(logits[:, :-1], labels[:, 1:])
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token CE in float32, averaged over the labelled tokens; ``weights`` (shaped like ``labels[:, 1:]``)
+    weigh each target (:func:`labelled_ce`)."""
+    return labelled_ce(logits[:, :-1], labels[:, 1:], weights)
 
 
 class GenerationTask(StageTask):
