@@ -210,3 +210,32 @@ def test_start_cell_weight_needs_layout_codes():
         apply_overrides(get_preset("shapes-next"), ["next.start_cell_weight=5"])
     with pytest.raises(ConfigError, match=r"next\.start_cell_weight"):
         apply_overrides(get_preset("shapes-next-layout"), ["next.start_cell_weight=0.5"])
+
+
+def test_name_init_points_every_code_at_its_class_and_colour_words(layout_run):
+    """``next.name_init``: a code's embedding, less the mean code row, is nearest its own colour's and its own
+    class's word rows (a random projection, the default, names them at chance)."""
+    from blip3o.models.heads import id_factors
+    from blip3o.models.next import word_rows
+    from blip3o.train.recipe import make_task
+    from blip3o.world.spec import COLOR_NAMES, SHAPES
+
+    out, _ = layout_run
+    cfg = _tiny_layout_next()
+    hits = {}
+    for flag in ("true", "false"):
+        task = make_task("next", apply_overrides(cfg, [f"next.name_init={flag}"]), out)
+        model = task.build_model()
+        table = model.backbone.get_input_embeddings().weight.detach()
+        lo, hi = model.vocab.code_range
+        codes = table[lo + 1 : hi]  # the object cells
+        codes = codes - codes.mean(0)
+        _, kind, colour = id_factors(torch.arange(1, LAYOUT_VOCAB))
+        colours = word_rows(task.tokenizer, table, list(COLOR_NAMES))
+        shapes = word_rows(task.tokenizer, table, list(SHAPES))
+        cos = torch.nn.functional.cosine_similarity
+        by_colour = cos(codes[:, None], colours[None], dim=-1).argmax(1)
+        by_class = cos(codes[:, None], shapes[None], dim=-1).argmax(1) + 1
+        hits[flag] = ((by_colour == colour).float().mean().item(), (by_class == kind).float().mean().item())
+    assert hits["true"] == (1.0, 1.0)
+    assert max(hits["false"]) < 0.6

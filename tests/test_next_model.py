@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from blip3o.config.checks import ConfigError
 from blip3o.config.model import BackboneConfig
@@ -23,6 +24,7 @@ from blip3o.models.next import (
     add_image_vocabulary,
     condition_positions,
     gather_condition,
+    word_rows,
 )
 from blip3o.models.unified import positions_from_mask
 
@@ -240,6 +242,55 @@ def test_init_image_embeddings_follows_the_documented_formula(model):
     assert model.backbone.get_output_embeddings().weight.data_ptr() == emb.data_ptr()
     with pytest.raises(ValueError, match="codebook_vectors must be"):
         model.init_image_embeddings(torch.randn(K - 1, 8))
+
+
+def test_word_rows_are_standardised_token_rows_averaged_over_a_word(tok_vocab):
+    tok, _ = tok_vocab
+    table = torch.randn(len(tok), 12) * 0.02 + 0.5
+    words = ["red", "circle", "photo of"]  # the last one spans tokens
+    rows = word_rows(tok, table, words)
+    for word, row in zip(words, rows, strict=True):
+        ids = tok.encode(" " + word, add_special_tokens=False)
+        r = table[ids]
+        expected = ((r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)).mean(0)
+        torch.testing.assert_close(row, expected)
+    assert len(tok.encode(" photo of", add_special_tokens=False)) > 1
+    assert not torch.allclose(rows[0], rows[1])
+
+
+def test_name_init_starts_a_layout_code_from_its_class_and_colour_words():
+    """With the word rows as projection, the embedding of the code for "red star" is (up to the shared
+    shift and scale) E(red) + E(star) minus the codebook mean, so it sits nearer "red" than any other colour."""
+    from blip3o.models.heads import layout_to_ids
+    from blip3o.models.image_tokenizer import LayoutTokenizer
+    from blip3o.world.spec import COLOR_NAMES, SHAPES
+
+    words = [f"a photo of a {c} {s}" for c in COLOR_NAMES for s in SHAPES] + ["on a background"]
+    tok = train_bpe_tokenizer(words, vocab_size=300, min_frequency=1)
+    layout = LayoutTokenizer(4)
+    codebook = layout.codebook_vectors()
+    vocab = add_image_vocabulary(tok, codebook.shape[0], 1)
+    cfg = replace(shapes_next(), image_codes="layout", name_init=True, text_vocab_size=len(tok))
+    cfg = replace(cfg, codebook_size=codebook.shape[0], image_tokens=16)
+    net = BLIP3oNext.from_config(cfg, vocab)
+    emb = net.backbone.get_input_embeddings().weight
+    projection = word_rows(tok, emb, layout.vector_names())
+    net.init_image_embeddings(codebook, projection=projection)
+    lo, _ = vocab.code_range
+    one_hot = torch.zeros(1, codebook.shape[1], 1, 1) - 1
+    one_hot[0, 1 + SHAPES.index("star")] = one_hot[0, 1 + len(SHAPES) + 1 + COLOR_NAMES.index("red")] = 1
+    red_star = emb[lo + int(layout_to_ids(one_hot))].detach()
+    colours = word_rows(tok, emb, list(COLOR_NAMES))
+    z = (codebook - codebook.mean(0)) @ projection
+    text = torch.ones(emb.shape[0], dtype=torch.bool)
+    text[vocab.added_ids] = False
+    centred = (red_star - emb.detach()[text].mean(0)) / emb.detach()[text].std() * z.std()
+    torch.testing.assert_close(centred, z[int(layout_to_ids(one_hot))], rtol=1e-4, atol=1e-4)
+    assert F.cosine_similarity(centred[None], colours).argmax().item() == COLOR_NAMES.index("red")
+    with pytest.raises(ValueError, match="projection must be"):
+        net.init_image_embeddings(codebook, projection=projection[:, :-1])
+    with pytest.raises(ConfigError, match="name_init"):
+        NextConfig(name_init=True)  # SimVQ codes have no names
 
 
 def test_init_image_embeddings_untied_head_uses_its_own_statistics(tok_vocab):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 
@@ -348,7 +349,8 @@ def test_blend_velocity_lands_on_the_reference_where_kept_under_cfg():
 
 
 def test_edit_blend_keeps_the_reference_where_the_codes_are_copied(run, monkeypatch):
-    """When the written codes equal the reference's, a blended edit is the VAE's reconstruction of the reference."""
+    """When the written codes equal the reference's, a blended edit is the reference itself, pixel for pixel;
+    where one code differs, that cell and its margin are redrawn and the rest is still the reference's."""
     from blip3o.config.io import apply_overrides
     from blip3o.data.processing import to_images, to_pixels
     from blip3o.data.world_data import load_split
@@ -367,5 +369,20 @@ def test_edit_blend_keeps_the_reference_where_the_codes_are_copied(run, monkeypa
     plain = pipe.edit(source, "make the red circle blue", seed=0)[0]
     pipe.apply_sampling(apply_overrides(resolve("tiny-next"), ["next.edit_blend=true"]))
     blended = pipe.edit(source, "make the red circle blue", seed=0)[0]
-    np.testing.assert_allclose(np.asarray(blended, dtype=float), np.asarray(recon, dtype=float), atol=1)
+    np.testing.assert_array_equal(np.asarray(blended), np.asarray(source))
+    assert np.abs(np.asarray(recon, dtype=float) - np.asarray(source, dtype=float)).max() > 10  # not the VAE's
     assert np.abs(np.asarray(plain, dtype=float) - np.asarray(recon, dtype=float)).max() > 10
+
+    def one_changed(input_ids, attention_mask, seeds, cfg, references=None):
+        out = copying(input_ids, attention_mask, seeds, cfg, references)
+        out.tokens[:, -1] = pipe.model.vocab.first_code_id + (references[0][-1] + 1) % pipe.next.codebook_size
+        return out
+
+    monkeypatch.setattr(pipe, "sample_tokens", one_changed)
+    edited = np.asarray(pipe.edit(source, "make the red circle blue", seed=0)[0], dtype=float)
+    cell = source.size[0] // math.isqrt(pipe.next.image_tokens)  # pixels a code covers
+    redrawn = 2 * cell  # the last code and one code of margin: the bottom-right corner
+    src = np.asarray(source, dtype=float)
+    np.testing.assert_array_equal(edited[:-redrawn], src[:-redrawn])
+    np.testing.assert_array_equal(edited[:, :-redrawn], src[:, :-redrawn])
+    assert np.abs(edited[-redrawn:, -redrawn:] - src[-redrawn:, -redrawn:]).max() > 10

@@ -123,6 +123,11 @@ class NextConfig:
     1 weighs every code alike. At 10 the first cells take the asked colour more often (0.79 against 0.59,
     teacher-forced on captions) but objects start too readily: GenEval-shapes 0.349 against 0.436 at 1
     (docs/next.md "Colours are learnt late")."""
+    name_init: bool = False
+    """Layout codes: start each image-token embedding from the text embeddings of its class and colour
+    names (:func:`blip3o.models.next.word_rows` as the projection of the one-hot cells) instead of a random
+    projection, so that the words of a prompt or edit instruction and the codes that draw them share
+    directions from the first step."""
     code_dim: int = 32
     """Width of a code of the image tokenizer's SimVQ quantiser (the bottleneck of its feature decoder)."""
     pool_factors: tuple[int, ...] = (1,)
@@ -163,10 +168,12 @@ class NextConfig:
     """Editing: the noise level SANA starts from, the reference's latents noised to it (SDEdit, the
     "noise-space injection" of the official editing branch); 1 starts from pure noise."""
     edit_blend: bool = False
-    """Editing: keep the reference's latents wherever the written codes equal the reference's codes (one
-    code of margin around every changed code), by following the reference's noise path there at every
-    SANA step (blended latent diffusion, Avrahami et al. 2023). Needs local codes
-    (``recipe.clip_local_weight``), where an edit changes only the codes of what it touches."""
+    """Editing: keep the reference wherever the written codes equal the reference's codes (one code of
+    margin around every changed code): there the latents follow the reference's noise path at every SANA
+    step, so the redrawn part sees its context (blended latent diffusion, Avrahami et al. 2023), and the
+    decoded image takes the reference's own pixels, so kept objects do not pass through the VAE. Needs
+    local codes (layout codes, or ``recipe.clip_local_weight``), where an edit changes only the codes of
+    what it touches."""
     edit_blend_margin: int = 1
     """``edit_blend``: codes around each changed code that SANA redraws too, so that an object whose edge
     reaches a neighbouring patch is not cut at the code boundary."""
@@ -211,6 +218,12 @@ class NextConfig:
         check_float("next.edit_strength", self.edit_strength, gt=0, le=1)
         check_int("next.edit_blend_margin", self.edit_blend_margin, ge=0)
         check_int("next.code_dim", self.code_dim, ge=1)
+        if self.name_init and self.image_codes != "layout":
+            raise ConfigError(
+                f"starts layout codes from their class and colour names, so it needs image_codes='layout' "
+                f"(got {self.image_codes!r}); leave it false",
+                key="next.name_init",
+            )
         if self.image_codes not in ("vq", "layout"):
             raise ConfigError(f"must be 'vq' or 'layout', got {self.image_codes!r}", key="next.image_codes")
         self.pool_factors = tuple(self.pool_factors)

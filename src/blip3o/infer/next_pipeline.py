@@ -6,8 +6,10 @@ CFG on logits, per-row seeds), which also returns the hidden states of ``<S0>`` 
 SANA over VAE latents, Euler + CFG with the unconditional and conditional branches in one batch → VAE
 decode. Editing is the same with the reference image's codes in the prompt and its VAE latents as
 SANA's reference channels; with ``next.edit_blend`` the latents under codes the model copied from the
-reference follow the reference's own noise path (:func:`blend_velocity`). Each image's token draws and
-noise come from its own seed, so a batch of prompts gives the same images as the prompts one at a time.
+reference follow the reference's own noise path (:func:`blend_velocity`), and the decoded image takes the
+reference's own pixels there (:func:`paste_kept`), so what the edit leaves alone does not pass through the VAE.
+Each image's token draws and noise come from its own seed, so a batch of prompts gives the same images as
+the prompts one at a time.
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ def blend_velocity(velocity, reference: torch.Tensor, keep: torch.Tensor):
         return k * towards + (1 - k) * velocity(x, sigma, cond)
 
     return blended
+
+
+def paste_kept(images: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Decoded images (B, 3, H, W) with the reference's pixels where ``keep`` (B, 1, s, s), upsampled to the
+    pixel grid, is 1."""
+    keep = F.interpolate(keep, size=images.shape[-2:], mode="nearest")
+    return keep * reference + (1 - keep) * images
 
 
 def last_stage(run: Path) -> str:
@@ -179,7 +188,7 @@ class NextPipeline:
         prompts, seeds = expand_requests(instructions, seed, num_images)
         pixels = to_pixels(images, self.cfg.model.vision.image_size).repeat_interleave(num_images, dim=0)
         settings = self._settings(guidance_scale, num_inference_steps, temperature, top_k, top_p, ar_guidance_scale)
-        return self._images(prompts, seeds, settings, self.codes(pixels), self.encoders.latents(pixels), progress)
+        return self._images(prompts, seeds, settings, pixels, progress)
 
     def _settings(
         self,
@@ -209,18 +218,22 @@ class NextPipeline:
         prompts: list[str],
         seeds: list[int],
         cfg: NextConfig,
-        reference_codes: torch.Tensor | None = None,
-        reference_latents: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
         progress: bool = False,
     ) -> list[Image.Image]:
-        refs = None if reference_codes is None else reference_codes.tolist()
+        """Images for prompts, or with ``reference`` pixels (B, 3, H, W) in [-1, 1], edits of them."""
+        codes = None if reference is None else self.codes(reference)
+        refs = None if codes is None else codes.tolist()
         ids, mask = image_prompts(self.tokenizer, self.model.vocab, prompts, refs)
         sample = self.sample_tokens(ids, mask, seeds, cfg, refs)
-        keep = None
-        if reference_codes is not None and cfg.edit_blend:
+        if reference is None:
+            return self.render(sample.hidden, seeds, cfg, progress=progress)
+        latents, keep = self.encoders.latents(reference), None
+        if cfg.edit_blend:
             written = self.model.vocab.ids_to_codes(sample.tokens)
-            keep = kept_mask(written, reference_codes, cfg.latent_side, cfg.edit_blend_margin)
-        return self.render(sample.hidden, seeds, cfg, reference_latents, progress, keep)
+            keep = kept_mask(written, codes, cfg.latent_side, cfg.edit_blend_margin)
+        images = self.render(sample.hidden, seeds, cfg, latents, progress, keep, output="pt")
+        return to_images(images if keep is None else paste_kept(images, reference, keep))
 
     def sample_tokens(
         self,
@@ -261,9 +274,13 @@ class NextPipeline:
         reference_latents: torch.Tensor | None = None,
         progress: bool = False,
         keep: torch.Tensor | None = None,
-    ) -> list[Image.Image]:
-        """Images from the conditioning hidden states (B, 1 + N, H): connector → SANA (Euler + CFG) → VAE.
-        ``keep`` (B, 1, s, s): where the latents follow the reference's (:func:`blend_velocity`)."""
+        output: str = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
+        """Images from the conditioning hidden states (B, 1 + N, H): connector → SANA (Euler + CFG) → VAE;
+        PIL images, or with ``output="pt"`` pixels (B, 3, H, W) in [-1, 1]. ``keep`` (B, 1, s, s): where the
+        latents follow the reference's (:func:`blend_velocity`)."""
+        if output not in ("pil", "pt"):
+            raise ValueError(f"output must be 'pil' or 'pt', got {output!r}")
         cond = self.model.connector(hidden)  # (B, 1 + N, C)
         null = self.model.null_condition(len(seeds), cfg.image_tokens)
         ref = reference_latents if cfg.reference_latents else None
@@ -285,7 +302,8 @@ class NextPipeline:
             start=start,
             progress=progress,
         )
-        return to_images(self.encoders.decode(latents))
+        pixels = self.encoders.decode(latents)
+        return pixels if output == "pt" else to_images(pixels)
 
     @torch.no_grad()
     def chat(

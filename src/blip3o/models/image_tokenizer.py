@@ -47,6 +47,7 @@ from torch import nn
 from blip3o.config.checks import ConfigError, check_float, check_int
 from blip3o.config.next import ImageTokenizerConfig
 from blip3o.models.heads import LAYOUT_VOCAB, ids_to_layout, layout_to_ids
+from blip3o.world.spec import COLOR_NAMES, SHAPES
 
 __all__ = [
     "ImageTokenizer",
@@ -270,6 +271,12 @@ class LayoutTokenizer(nn.Module):
     def codebook_vectors(self) -> torch.Tensor:
         """The one-hot layout cell of each id, (K, classes + colours)."""
         return ids_to_layout(torch.arange(LAYOUT_VOCAB).view(1, 1, -1))[0, :, 0].T
+
+    @staticmethod
+    def vector_names() -> list[str]:
+        """The word each entry of a codebook vector stands for: the classes, then the colours, each led by
+        ``"background"`` (no object, no colour)."""
+        return ["background", *SHAPES, "background", *COLOR_NAMES]
 
     def encode(self, layout: torch.Tensor, scale_index: int = 0) -> torch.Tensor:
         """layout (B, classes + colours, s, s) → ids (B, s²) int64."""

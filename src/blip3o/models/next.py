@@ -43,6 +43,8 @@ from blip3o.models.parts import build_backbone, build_sana
 from blip3o.models.unified import positions_from_mask
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "condition_positions",
     "gather_condition",
     "scale_token",
+    "word_rows",
 ]
 
 IM_START = "<im_start>"
@@ -145,6 +148,22 @@ class ImageVocab:
         if not bool(self.is_code(ids).all()):
             raise ValueError(f"every id must be an image code id in {list(self.code_range)}")
         return ids - self.first_code_id
+
+
+def word_rows(tokenizer: PreTrainedTokenizerBase, table: Tensor, words: Sequence[str]) -> Tensor:
+    """(len(words), H): for each word, the mean of the ``table`` rows of its tokens as a word inside text
+    (a leading space), each row standardised (zero mean, unit standard deviation). As the ``projection`` of
+    :meth:`BLIP3oNext.init_image_embeddings` for layout codes (one-hot class and colour), it starts a code's
+    embedding as the sum of the embeddings of its class and colour names, so a prompt's words and the codes
+    that draw them share directions from the first step."""
+    rows = []
+    for word in words:
+        ids = tokenizer.encode(" " + word, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"the tokenizer encodes {word!r} to no tokens")
+        r = table.detach()[ids].float().cpu()
+        rows.append(((r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)).mean(0))
+    return torch.stack(rows)
 
 
 def add_image_vocabulary(tokenizer: PreTrainedTokenizerBase, codebook_size: int, num_scales: int) -> ImageVocab:
@@ -342,13 +361,20 @@ class BLIP3oNext(nn.Module):
         return cls(backbone, connector, dit, vocab, spatial=cfg.spatial, reference_latents=cfg.reference_latents)
 
     @torch.no_grad()
-    def init_image_embeddings(self, codebook_vectors: Tensor, *, generator: torch.Generator | None = None) -> None:
+    def init_image_embeddings(
+        self,
+        codebook_vectors: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        projection: Tensor | None = None,
+    ) -> None:
         """Initialise the K image-code rows of the input embedding from the image tokenizer's codebook.
 
         With C (K, d) the codebook vectors (for :class:`~blip3o.models.image_tokenizer.SimVQ`, ``codes()``),
         P (d, H) a random projection with N(0, 1) entries drawn on the CPU from ``generator`` (a generator
-        seeded 0 when ``None``), and m (H,), s the mean row and the overall standard deviation (``torch.std``)
-        of the text rows (every row the image vocabulary does not own)::
+        seeded 0 when ``None``), or ``projection`` when given (e.g. :func:`word_rows`), and m (H,), s the mean
+        row and the overall standard deviation (``torch.std``) of the text rows (every row the image
+        vocabulary does not own)::
 
             Z = (C − mean_k C) P                       # (K, H)
             rows = m + Z · s / std(Z)
@@ -362,10 +388,14 @@ class BLIP3oNext(nn.Module):
         k, h = self.vocab.codebook_size, self.backbone.config.hidden_size
         if codebook_vectors.ndim != 2 or codebook_vectors.shape[0] != k:
             raise ValueError(f"codebook_vectors must be (K={k}, d), got {tuple(codebook_vectors.shape)}")
-        if generator is None:
-            generator = torch.Generator().manual_seed(0)
         c = codebook_vectors.detach().float().cpu()
-        proj = torch.randn(c.shape[1], h, generator=generator)  # (d, H)
+        if projection is None:
+            generator = torch.Generator().manual_seed(0) if generator is None else generator
+            proj = torch.randn(c.shape[1], h, generator=generator)  # (d, H)
+        elif projection.shape != (c.shape[1], h):
+            raise ValueError(f"projection must be (d={c.shape[1]}, H={h}), got {tuple(projection.shape)}")
+        else:
+            proj = projection.detach().float().cpu()
         z = (c - c.mean(0)) @ proj  # (K, H)
         z = z / z.std()
         lo, hi = self.vocab.code_range

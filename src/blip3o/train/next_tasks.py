@@ -40,7 +40,7 @@ from blip3o.infer.pipeline import MODEL_FILE, require
 from blip3o.models.build import Encoders, load_weights
 from blip3o.models.heads import map_to_tokens
 from blip3o.models.image_tokenizer import ImageTokenizer, LayoutTokenizer, codebook_usage, perplexity
-from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary, condition_positions
+from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary, condition_positions, word_rows
 from blip3o.train.tasks import (
     StageTask,
     asked_text,
@@ -251,7 +251,11 @@ class NextTask(StageTask):
         if self.decoder is None:
             raise ValueError("the next stage starts SANA from the decoder stage's weights; none given")
         model.load_decoder({k[4:]: v for k, v in load_file(str(self.decoder)).items() if k.startswith("dit.")})
-        model.init_image_embeddings(self.image_tokenizer.codebook_vectors())
+        projection = None
+        if self.next_cfg.name_init:
+            table = model.backbone.get_input_embeddings().weight
+            projection = word_rows(self.tokenizer, table, self.image_tokenizer.vector_names())
+        model.init_image_embeddings(self.image_tokenizer.codebook_vectors(), projection=projection)
         return model
 
     def indices(self, step: int, micro: int, rank: int, world_size: int) -> list[int]:
