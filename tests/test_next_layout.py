@@ -208,8 +208,9 @@ def test_start_cells_weigh_where_objects_begin(layout_run, train_prompt_text):
 
 
 def test_start_cell_weight_needs_layout_codes():
-    with pytest.raises(ConfigError, match=r"next\.start_cell_weight: weighs layout cells"):
+    with pytest.raises(ConfigError, match=r"next\.start_cell_weight: weighs layout cells") as err:
         apply_overrides(get_preset("shapes-next"), ["next.start_cell_weight=5"])
+    assert "next.next" not in str(err.value)  # the section's own checks name the field in full already
     with pytest.raises(ConfigError, match=r"next\.start_cell_weight"):
         apply_overrides(get_preset("shapes-next-layout"), ["next.start_cell_weight=0.5"])
 

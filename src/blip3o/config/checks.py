@@ -18,8 +18,9 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {detail}" if key else detail)
 
     def with_prefix(self, prefix: str) -> ConfigError:
-        """The same error with ``prefix`` (a dotted section path) prepended to its key."""
-        if not prefix:
+        """The same error with ``prefix`` (a dotted section path) prepended to its key, unless the key already
+        starts with it (sections whose checks name their fields in full, such as ``next.ce_weight``)."""
+        if not prefix or self.key == prefix or self.key.startswith(prefix + "."):
             return self
         return ConfigError(self.detail, key=f"{prefix}.{self.key}" if self.key else prefix)
 
