@@ -3,10 +3,11 @@
 `blip3o eval geneval RUN` scores pixels: the AR model's layout and SANA's drawing of it together. This
 script samples the same prompts with the same seeds (so the same token draws), and scores the written
 layouts themselves: each 4-connected group of at least ``--min-cells`` cells of one class and colour is an
-object, its box the cells' extent in pixels, and GenEval's rules (:func:`blip3o.eval.rules.evaluate`, the
-largest objects first) judge them against the prompt. The gap between the two scores is what the renderer
-loses; the layout score is what a perfect renderer of these layouts would get. ``--oracle`` scores the
-layouts the run's reader reads from the world's own renders of each prompt instead (the scorer's ceiling).
+object, its box the cells' extent in pixels, and the GenEval-shapes scorer (:class:`LayoutDetector` in place
+of the pixel detector, every object at confidence 1, the largest first) judges them against the prompt.
+The gap between the two scores is what the renderer loses; the layout score is what a perfect renderer
+of these layouts would get. ``--oracle`` scores the layouts the run's reader reads from the world's own
+renders of each prompt instead (the scorer's ceiling).
 
 Run: ``.venv/bin/python benchmarks/layout_geneval.py RUN [--stage instruct] [--min-cells 3] [--oracle] [key=value …]``
 (``key=value``: sampling overrides such as ``next.ar_guidance_scale=2``).
@@ -15,7 +16,7 @@ Run: ``.venv/bin/python benchmarks/layout_geneval.py RUN [--stage instruct] [--m
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -25,9 +26,9 @@ import torch
 from blip3o.config import RunConfig, load_yaml
 from blip3o.config.io import apply_overrides
 from blip3o.data.next_inputs import image_prompts
-from blip3o.eval.geneval import oracle_generator, summarise
+from blip3o.eval.detector import Detection
+from blip3o.eval.geneval import GenEvalScorer, oracle_generator, summarise
 from blip3o.eval.model_eval import load_prompts
-from blip3o.eval.rules import evaluate
 from blip3o.infer.next_pipeline import NextPipeline
 from blip3o.models.heads import id_factors
 from blip3o.world.spec import COLOR_NAMES, SHAPES
@@ -35,26 +36,27 @@ from blip3o.world.spec import COLOR_NAMES, SHAPES
 from common import emit
 
 
-def layout_objects(codes: np.ndarray, cell: float, min_cells: int) -> list[tuple[int, str, str, tuple]]:
-    """(s, s) cell ids → [(cells, class, colour, box)] of its objects, largest first."""
-    _, kind, colour = (t.numpy() for t in id_factors(torch.from_numpy(codes)))
-    objects = []
-    for k, c in {(int(k), int(c)) for k, c in zip(kind[kind > 0], colour[kind > 0], strict=True)}:
-        mask = ((kind == k) & (colour == c)).astype(np.uint8)
-        n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
-        for x, y, w, h, area in stats[1:n]:
-            if area >= min_cells:
-                box = (x * cell, y * cell, (x + w) * cell, (y + h) * cell)
-                objects.append((int(area), SHAPES[k - 1], COLOR_NAMES[c], box))
-    return sorted(objects, key=lambda o: -o[0])
+@dataclass
+class LayoutDetector:
+    """A :class:`~blip3o.eval.detector.Detector` over (s, s) cell ids instead of pixels: each 4-connected group
+    of at least ``min_cells`` cells of one class and colour, boxed in pixels of ``cell`` per cell, largest
+    first, at confidence 1."""
 
+    cell: float
+    min_cells: int
+    classes: tuple[str, ...] = SHAPES
 
-def score(record: dict, objects: list[tuple[int, str, str, tuple]]) -> bool:
-    by_class: dict[str, list] = defaultdict(list)
-    for _, shape, colour, box in objects:
-        by_class[shape].append((box, colour))
-    boxes = {k: [b for b, _ in v] for k, v in by_class.items()}
-    return evaluate(record, boxes, lambda name, i: by_class[name][i][1]).correct
+    def detect(self, codes: np.ndarray) -> list[Detection]:
+        _, kind, colour = (t.numpy() for t in id_factors(torch.from_numpy(codes)))
+        found = []
+        for k, c in {(int(k), int(c)) for k, c in zip(kind[kind > 0], colour[kind > 0], strict=True)}:
+            mask = ((kind == k) & (colour == c)).astype(np.uint8)
+            n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+            for x, y, w, h, area in stats[1:n]:
+                if area >= self.min_cells:
+                    box = (x * self.cell, y * self.cell, (x + w) * self.cell, (y + h) * self.cell)
+                    found.append((int(area), Detection(SHAPES[k - 1], 1.0, box, COLOR_NAMES[c])))
+        return [d for _, d in sorted(found, key=lambda o: -o[0])]
 
 
 @torch.no_grad()
@@ -75,6 +77,7 @@ def main() -> None:
     k, side = cfg.eval.images_per_prompt, pipe.image_tokenizer.side
     cell = cfg.model.vision.image_size / side
     oracle = oracle_generator(cfg.model.vision.image_size, cfg.eval.seed) if args.oracle else None
+    scorer = GenEvalScorer(LayoutDetector(cell, args.min_cells))
     results = []
     for start in range(0, len(records), cfg.eval.batch_size):
         chunk = records[start : start + cfg.eval.batch_size]
@@ -87,8 +90,8 @@ def main() -> None:
             codes = pipe.model.vocab.ids_to_codes(pipe.sample_tokens(ids, mask, seeds, pipe.next).tokens)
         for i, layout in enumerate(codes.view(-1, side, side).numpy()):
             record = chunk[i // k]
-            objects = layout_objects(layout, cell, args.min_cells)
-            results.append({"tag": record["tag"], "index": record["index"], "correct": score(record, objects)})
+            correct = scorer.score(layout, record)["correct"]
+            results.append({"tag": record["tag"], "index": record["index"], "correct": correct})
     summary = summarise(results)
     extra = {"images": len(results), "overrides": args.overrides, "oracle": args.oracle}
     emit("layout_geneval_overall", summary["overall"], "fraction", **extra)

@@ -227,12 +227,12 @@ class NextPipeline:
         ids, mask = image_prompts(self.tokenizer, self.model.vocab, prompts, refs)
         sample = self.sample_tokens(ids, mask, seeds, cfg, refs)
         if reference is None:
-            return self.render(sample.hidden, seeds, cfg, progress=progress)
+            return to_images(self.render(sample.hidden, seeds, cfg, progress=progress))
         latents, keep = self.encoders.latents(reference), None
         if cfg.edit_blend:
             written = self.model.vocab.ids_to_codes(sample.tokens)
             keep = kept_mask(written, codes, cfg.latent_side, cfg.edit_blend_margin)
-        images = self.render(sample.hidden, seeds, cfg, latents, progress, keep, output="pt")
+        images = self.render(sample.hidden, seeds, cfg, latents, progress, keep)
         return to_images(images if keep is None else paste_kept(images, reference, keep))
 
     def sample_tokens(
@@ -274,13 +274,10 @@ class NextPipeline:
         reference_latents: torch.Tensor | None = None,
         progress: bool = False,
         keep: torch.Tensor | None = None,
-        output: str = "pil",
-    ) -> list[Image.Image] | torch.Tensor:
-        """Images from the conditioning hidden states (B, 1 + N, H): connector → SANA (Euler + CFG) → VAE;
-        PIL images, or with ``output="pt"`` pixels (B, 3, H, W) in [-1, 1]. ``keep`` (B, 1, s, s): where the
-        latents follow the reference's (:func:`blend_velocity`)."""
-        if output not in ("pil", "pt"):
-            raise ValueError(f"output must be 'pil' or 'pt', got {output!r}")
+    ) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] from the conditioning hidden states (B, 1 + N, H): connector → SANA
+        (Euler + CFG) → VAE. ``keep`` (B, 1, s, s): where the latents follow the reference's
+        (:func:`blend_velocity`)."""
         cond = self.model.connector(hidden)  # (B, 1 + N, C)
         null = self.model.null_condition(len(seeds), cfg.image_tokens)
         ref = reference_latents if cfg.reference_latents else None
@@ -302,8 +299,7 @@ class NextPipeline:
             start=start,
             progress=progress,
         )
-        pixels = self.encoders.decode(latents)
-        return pixels if output == "pt" else to_images(pixels)
+        return self.encoders.decode(latents)
 
     @torch.no_grad()
     def chat(

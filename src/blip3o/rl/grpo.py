@@ -52,6 +52,7 @@ from blip3o.config import RunConfig, apply_overrides, dump_yaml, load_yaml, to_d
 from blip3o.config.grpo import grpo_preset
 from blip3o.config.next import NextConfig
 from blip3o.data.next_inputs import image_prompts
+from blip3o.data.processing import to_images
 from blip3o.infer.next_pipeline import NextPipeline, last_stage
 from blip3o.infer.pipeline import MODEL_FILE, require
 from blip3o.report import image_grid
@@ -170,7 +171,7 @@ class _GRPO:
         self.policy.eval()
         ids, mask = image_prompts(self.pipe.tokenizer, self.policy.vocab, [r["prompt"] for r in records])
         sample = self.pipe.sample_tokens(ids, mask, seeds, self.sampling)
-        images = self.pipe.render(sample.hidden, seeds, self.render_cfg)
+        images = to_images(self.pipe.render(sample.hidden, seeds, self.render_cfg))
         return {"input_ids": ids, "attention_mask": mask, "tokens": sample.tokens, "images": images}
 
     def logps(self, model: torch.nn.Module, batch: dict[str, Any], rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
