@@ -47,7 +47,7 @@ from torch import nn
 from blip3o.config.checks import ConfigError, check_float, check_int
 from blip3o.config.next import ImageTokenizerConfig
 from blip3o.models.heads import LAYOUT_VOCAB, ids_to_layout, layout_to_ids
-from blip3o.world.spec import COLOR_NAMES, SHAPES
+from blip3o.world.spec import COLOR_NAMES, SHAPES, plural
 
 __all__ = [
     "ImageTokenizer",
@@ -274,9 +274,10 @@ class LayoutTokenizer(nn.Module):
 
     @staticmethod
     def vector_names() -> list[str]:
-        """The word each entry of a codebook vector stands for: the classes, then the colours, each led by
-        ``"background"`` (no object, no colour)."""
-        return ["background", *SHAPES, "background", *COLOR_NAMES]
+        """The words each entry of a codebook vector stands for: the classes, then the colours, each led by
+        ``"background"`` (no object, no colour). A class is named in the singular and the plural
+        (``"cross crosses"``), since prompts use both and a plural is often a token of its own."""
+        return ["background", *(f"{s} {plural(s)}" for s in SHAPES), "background", *COLOR_NAMES]
 
     def encode(self, layout: torch.Tensor, scale_index: int = 0) -> torch.Tensor:
         """layout (B, classes + colours, s, s) → ids (B, s²) int64."""

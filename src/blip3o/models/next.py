@@ -151,19 +151,21 @@ class ImageVocab:
 
 
 def word_rows(tokenizer: PreTrainedTokenizerBase, table: Tensor, words: Sequence[str]) -> Tensor:
-    """(len(words), H): for each word, the mean of the ``table`` rows of its tokens as a word inside text
-    (a leading space), each row standardised (zero mean, unit standard deviation). As the ``projection`` of
+    """(len(words), H): for each entry of ``words`` (one word or several, space-separated), the mean over its
+    words of the mean of the ``table`` rows of the word's tokens as a word inside text (a leading space),
+    each row standardised (zero mean, unit standard deviation). As the ``projection`` of
     :meth:`BLIP3oNext.init_image_embeddings` for layout codes (one-hot class and colour), it starts a code's
     embedding as the sum of the embeddings of its class and colour names, so a prompt's words and the codes
     that draw them share directions from the first step."""
-    rows = []
-    for word in words:
+
+    def row(word: str) -> Tensor:
         ids = tokenizer.encode(" " + word, add_special_tokens=False)
         if not ids:
             raise ValueError(f"the tokenizer encodes {word!r} to no tokens")
         r = table.detach()[ids].float().cpu()
-        rows.append(((r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)).mean(0))
-    return torch.stack(rows)
+        return ((r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)).mean(0)
+
+    return torch.stack([torch.stack([row(w) for w in entry.split()]).mean(0) for entry in words])
 
 
 def add_image_vocabulary(tokenizer: PreTrainedTokenizerBase, codebook_size: int, num_scales: int) -> ImageVocab:
