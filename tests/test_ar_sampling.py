@@ -218,6 +218,30 @@ def test_guidance_matches_two_forwards(model):
     assert not torch.equal(plain.tokens, out.tokens)
 
 
+def test_copy_bias_matches_biased_greedy_forwards(model):
+    """Greedy with a copy prior picks argmax(logits + bias·[id == copy id]) at every step (full forwards, one
+    row at a time); a bias of 0 changes nothing, and a huge one writes the copy ids whatever the sampling."""
+    ids, mask = left_pad(PROMPTS)
+    n, bias = 5, 2.0
+    copy = torch.randint(LO, HI, (len(PROMPTS), n), generator=torch.Generator().manual_seed(3))
+    out = sample_image_tokens(model, ids, mask, n, (LO, HI), temperature=0, copy_ids=copy, copy_bias=bias)
+    for i, p in enumerate(PROMPTS):
+        seq = list(p)
+        for t in range(n):
+            with torch.no_grad():
+                logits = model(torch.tensor([seq])).logits[0, -1, LO:HI].clone()
+            logits[copy[i, t] - LO] += bias
+            seq.append(int(logits.argmax()) + LO)
+            assert out.tokens[i, t].item() == seq[-1], (i, t)
+    plain = sample_image_tokens(model, ids, mask, n, (LO, HI), temperature=0)
+    assert not torch.equal(plain.tokens, out.tokens)  # the bias of 2 flips some picks
+    zero = sample_image_tokens(model, ids, mask, n, (LO, HI), temperature=0, copy_ids=copy, copy_bias=0.0)
+    torch.testing.assert_close(zero.tokens, plain.tokens, rtol=0, atol=0)
+    kw = {"temperature": 1.0, "top_k": 60, "top_p": 0.9, "seeds": [5, 6, 7]}
+    forced = sample_image_tokens(model, ids, mask, n, (LO, HI), copy_ids=copy, copy_bias=1e4, **kw)
+    torch.testing.assert_close(forced.tokens, copy, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -232,6 +256,9 @@ def test_guidance_matches_two_forwards(model):
         ({"seeds": [1, 2]}, "seeds must have one entry per row: got 2 for a batch of 3"),
         ({"prompt_hidden": 8}, r"prompt_hidden must be in \[0, prompt length 7\]"),
         ({"uncond_input_ids": torch.ones(2, 4, dtype=torch.long)}, "uncond_input_ids and uncond_attention_mask"),
+        ({"copy_bias": -1.0}, "copy_bias must be >= 0"),
+        ({"copy_ids": torch.full((3, 3), LO)}, r"copy_ids must be \(B, num_tokens\) = \(3, 2\)"),
+        ({"copy_ids": torch.full((3, 2), HI)}, r"copy_ids must lie in id_range \[100, 260\)"),
     ],
 )
 def test_bad_arguments_raise(model, kwargs, message):

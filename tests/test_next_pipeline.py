@@ -386,3 +386,22 @@ def test_edit_blend_keeps_the_reference_where_the_codes_are_copied(run, monkeypa
     np.testing.assert_array_equal(edited[:-redrawn], src[:-redrawn])
     np.testing.assert_array_equal(edited[:, :-redrawn], src[:, :-redrawn])
     assert np.abs(edited[-redrawn:, -redrawn:] - src[-redrawn:, -redrawn:]).max() > 10
+
+
+def test_copy_bias_makes_an_edit_keep_the_reference_codes(run):
+    """With a large ``next.copy_bias`` the written codes are the reference's, so a blended edit is the source
+    image pixel for pixel; text-to-image has no reference and is unchanged by it."""
+    from blip3o.config.io import apply_overrides
+    from blip3o.data.processing import to_images, to_pixels
+    from blip3o.data.world_data import load_split
+
+    pipe = load_pipeline(run[0])
+    source = to_images(to_pixels(load_split(run[0] / "world", "heldout").images[:1]))[0]
+    before = pipe("a photo of a red circle", seed=4)[0]
+    pipe.apply_sampling(apply_overrides(resolve("tiny-next"), ["next.edit_blend=true"]))
+    free = pipe.edit(source, "make the red circle blue", seed=0)[0]
+    assert not np.array_equal(np.asarray(free), np.asarray(source))
+    pipe.apply_sampling(apply_overrides(resolve("tiny-next"), ["next.edit_blend=true", "next.copy_bias=1e4"]))
+    kept = pipe.edit(source, "make the red circle blue", seed=0)[0]
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(source))
+    np.testing.assert_array_equal(np.asarray(pipe("a photo of a red circle", seed=4)[0]), np.asarray(before))

@@ -177,6 +177,11 @@ class NextConfig:
     edit_blend_margin: int = 1
     """``edit_blend``: codes around each changed code that SANA redraws too, so that an object whose edge
     reaches a neighbouring patch is not cut at the code boundary."""
+    copy_bias: float = 0.0
+    """Editing: added to the logit of the reference's own code at each position while the codes are sampled
+    (after token guidance), so a cell the instruction does not name keeps its code unless the model is sure
+    it changes. Needs local codes (layout codes, or ``recipe.clip_local_weight``), where an unchanged object
+    keeps its codes at the same positions. 0 is off."""
     train_prompt_text: bool = False
     """Also take cross-entropy on the prompt text (system and user turns). Off by default: the prompt is
     always given at inference, so predicting it only spends capacity and gradient on text modelling that
@@ -217,6 +222,7 @@ class NextConfig:
         check_float("next.guidance_scale", self.guidance_scale, ge=0)
         check_float("next.edit_strength", self.edit_strength, gt=0, le=1)
         check_int("next.edit_blend_margin", self.edit_blend_margin, ge=0)
+        check_float("next.copy_bias", self.copy_bias, ge=0)
         check_int("next.code_dim", self.code_dim, ge=1)
         if self.name_init and self.image_codes != "layout":
             raise ConfigError(

@@ -21,6 +21,10 @@ checkpoint's ``generation_config``) with three deliberate differences:
 Classifier-free guidance on logits runs the unconditional and conditional prompts as ONE batch
 ``[uncond; cond]``; ``logits = u + s·(c − u)`` picks a token per pair, and both rows of the pair are fed
 that token.
+
+A copy prior (``copy_ids``, ``copy_bias``) adds a constant to the (guided) logit of one given id per row and
+step, before temperature and filtering: for an edit, the reference's own code at the same position, so a
+cell the instruction does not speak about keeps its code unless the model is confident otherwise.
 """
 
 from __future__ import annotations
@@ -121,6 +125,19 @@ def _left_pad(ids: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     return F.pad(ids, (pad, 0), value=0), F.pad(mask, (pad, 0), value=0)
 
 
+def _check_copy(copy_ids: Tensor | None, copy_bias: float, shape: tuple[int, int], id_range: tuple[int, int]) -> None:
+    """Raise ``ValueError`` for a bad copy prior of :func:`sample_image_tokens`."""
+    if copy_bias < 0:
+        raise ValueError(f"copy_bias must be >= 0, got {copy_bias}")
+    if copy_ids is None:
+        return
+    lo, hi = id_range
+    if tuple(copy_ids.shape) != shape:
+        raise ValueError(f"copy_ids must be (B, num_tokens) = {shape}, got {tuple(copy_ids.shape)}")
+    if copy_ids.numel() and (copy_ids.min() < lo or copy_ids.max() >= hi):
+        raise ValueError(f"copy_ids must lie in id_range [{lo}, {hi})")
+
+
 def _check(
     model: PreTrainedModel,
     input_ids: Tensor,
@@ -182,6 +199,8 @@ def sample_image_tokens(
     uncond_attention_mask: Tensor | None = None,
     guidance_scale: float = 1.0,
     prompt_hidden: int = 0,
+    copy_ids: Tensor | None = None,
+    copy_bias: float = 0.0,
 ) -> ARSample:
     """Sample ``num_tokens`` ids per prompt with a KV cache; see the module docstring.
 
@@ -202,6 +221,9 @@ def sample_image_tokens(
         guidance_scale: s in ``u + s·(c − u)``, used only with unconditional prompts.
         prompt_hidden: P, how many trailing prompt positions' hidden states to return before the generated
             ones.
+        copy_ids: (B, N) ids in ``[lo, hi)``; at step t, ``copy_bias`` is added to the logit of
+            ``copy_ids[:, t]`` (after guidance). ``None`` adds nothing.
+        copy_bias: the added logit, ≥ 0 (a factor e^bias on that id's odds).
 
     Returns:
         :class:`ARSample` with ``tokens`` (B, N) and ``hidden`` (B, P + N, H) of the conditional rows.
@@ -217,6 +239,7 @@ def sample_image_tokens(
     _check(
         model, input_ids, attention_mask, num_tokens, (lo, hi), temperature, top_k, top_p, seeds, uncond, prompt_hidden
     )
+    _check_copy(copy_ids, copy_bias, (input_ids.shape[0], num_tokens), (lo, hi))
     b, device = input_ids.shape[0], input_ids.device
 
     # Drawn up front, on the CPU, one generator per row: a row's draws depend only on its seed.
@@ -246,7 +269,12 @@ def sample_image_tokens(
             return logits
         return cfg_combine(logits[:b], logits[b:], guidance_scale)
 
+    rows = torch.arange(b, device=device)
+    copy_cols = None if copy_ids is None or copy_bias == 0 else (copy_ids.to(device) - lo)
+
     def pick(logits: Tensor, t: int) -> Tensor:
+        if copy_cols is not None:
+            logits[rows, copy_cols[:, t]] += copy_bias
         return pick_tokens(logits, uniforms[:, t], temperature=temperature, top_k=top_k, top_p=top_p) + lo
 
     cache = DynamicCache(config=model.config)

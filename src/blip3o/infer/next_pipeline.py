@@ -129,6 +129,7 @@ class NextPipeline:
         "edit_strength",
         "edit_blend",
         "edit_blend_margin",
+        "copy_bias",
     )
     """The fields of :class:`~blip3o.config.next.NextConfig` that only sampling reads."""
 
@@ -244,10 +245,13 @@ class NextPipeline:
         references: list[list[int]] | None = None,
     ) -> ARSample:
         """Image codes and conditioning hidden states for left-padded image prompts (``<S0>`` + N codes)."""
-        uncond = {}
+        extra = {}
+        if references is not None and cfg.copy_bias:
+            codes = torch.tensor(references, device=input_ids.device)
+            extra = {"copy_ids": self.model.vocab.codes_to_ids(codes), "copy_bias": cfg.copy_bias}
         if cfg.ar_guidance_scale != 1.0:
             u_ids, u_mask = image_prompts(self.tokenizer, self.model.vocab, [""] * len(seeds), references)
-            uncond = {
+            extra |= {
                 "uncond_input_ids": u_ids,
                 "uncond_attention_mask": u_mask,
                 "guidance_scale": cfg.ar_guidance_scale,
@@ -263,7 +267,7 @@ class NextPipeline:
             top_p=cfg.top_p,
             seeds=seeds,
             prompt_hidden=1,  # <S0>
-            **uncond,
+            **extra,
         )
 
     def render(
