@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from blip3o.cli import main
@@ -202,6 +203,19 @@ def test_cli_generate_edit_and_eval_edit(run, tmp_path, capsys):
         == 0
     )
     assert (tmp_path / "e" / "0000.png").is_file()
+    # Sampling overrides reach the edit: a huge copy prior with the blend returns the image itself.
+    kept = ["--out", str(tmp_path / "k"), "next.edit_blend=true", "next.copy_bias=1e4"]
+    assert main(["edit", str(out), "--image", str(image), "--prompt", "make the red circle blue", *kept]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "k" / "0000.png")), np.asarray(Image.open(image)))
+    # ... and a generation: one SANA step instead of the config's draws another image from the same seed.
+    assert (
+        main(
+            ["generate", str(out), "--prompt", "a red circle", "-n", "1", "--out", str(tmp_path / "s1"), "next.steps=1"]
+        )
+        == 0
+    )
+    first, one_step = (np.asarray(Image.open(tmp_path / d / "0000.png")) for d in ("g", "s1"))
+    assert not np.array_equal(first, one_step)
     assert main(["eval", "edit", str(out), "--limit", "3", "--out", str(tmp_path / "ev")]) == 0
     lines = (tmp_path / "ev" / "edit_results.jsonl").read_text().splitlines()
     summary = json.loads(lines[-1])["summary"]

@@ -161,9 +161,7 @@ def _save_images(images: list, out: str) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from blip3o.infer.next_pipeline import load_pipeline
-
-    pipe = load_pipeline(args.run, args.stage)
+    _, pipe = _sampling_pipeline(Path(args.run), args.stage, args.overrides)
     images = pipe(
         args.prompt,
         num_images=args.n,
@@ -187,7 +185,7 @@ def _editing_pipeline(run: str, stage: str | None, overrides: Sequence[str] = ()
 def _edit(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    pipe = _editing_pipeline(args.run, args.stage)
+    pipe = _editing_pipeline(args.run, args.stage, args.overrides)
     images = pipe.edit(
         Image.open(args.image),
         args.prompt,
@@ -418,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
     generate.add_argument("--out", required=True, help="output directory")
     _stage_arg(generate)
+    _overrides(generate)
     generate.set_defaults(fn=_generate)
 
     edit = sub.add_parser("edit", help="image + instruction → edited image with a trained BLIP3o-NEXT run")
@@ -430,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
     edit.add_argument("--out", required=True, help="output directory")
     _stage_arg(edit)
+    _overrides(edit)
     edit.set_defaults(fn=_edit)
 
     chat = sub.add_parser("chat", help="image → text: ask a trained run about an image")
