@@ -215,6 +215,12 @@ def test_start_cell_weight_needs_layout_codes():
         apply_overrides(get_preset("shapes-next-layout"), ["next.start_cell_weight=0.5"])
 
 
+def _nearest_share(codes: torch.Tensor, rows: torch.Tensor, truth: torch.Tensor, first: int) -> float:
+    """The share of ``codes`` whose nearest of ``rows`` (by cosine, indices counted from ``first``) is ``truth``."""
+    nearest = torch.nn.functional.cosine_similarity(codes[:, None], rows[None], dim=-1).argmax(1) + first
+    return (nearest == truth).float().mean().item()
+
+
 def test_name_init_points_every_code_at_its_class_and_colour_words(layout_run):
     """``next.name_init``: a code's embedding, less the mean code row, is nearest its own colour's word row and
     its own class's (both forms together, as in ``vector_names``); the singular or the plural alone still
@@ -230,6 +236,7 @@ def test_name_init_points_every_code_at_its_class_and_colour_words(layout_run):
     names = LayoutTokenizer.vector_names()
     classes = names[1 : 1 + len(SHAPES)]
     assert classes[SHAPES.index("cross")] == "cross crosses"
+    plurals = [plural(s) for s in SHAPES]
     hits = {}
     for flag in ("true", "false"):
         task = make_task("next", apply_overrides(cfg, [f"next.name_init={flag}"]), out)
@@ -240,14 +247,13 @@ def test_name_init_points_every_code_at_its_class_and_colour_words(layout_run):
         codes = codes - codes.mean(0)
         _, kind, colour = id_factors(torch.arange(1, LAYOUT_VOCAB))
 
-        def share(words: list[str], truth: torch.Tensor, first: int, table=table, codes=codes, tok=task.tokenizer):
-            rows = word_rows(tok, table, words)
-            nearest = torch.nn.functional.cosine_similarity(codes[:, None], rows[None], dim=-1).argmax(1) + first
-            return (nearest == truth).float().mean().item()
-
-        singular, plurals = list(SHAPES), [plural(s) for s in SHAPES]
-        hits[flag] = [share(list(COLOR_NAMES), colour, 0), share(classes, kind, 1)]
-        hits[flag] += [share(singular, kind, 1), share(plurals, kind, 1)]
+        # (words, the true index per code, the index of the words' first entry): colours count from 0,
+        # classes from 1 (0 is the background).
+        checks = [(COLOR_NAMES, colour, 0), (classes, kind, 1), (SHAPES, kind, 1), (plurals, kind, 1)]
+        hits[flag] = [
+            _nearest_share(codes, word_rows(task.tokenizer, table, list(words)), truth, first)
+            for words, truth, first in checks
+        ]
     assert hits["true"][:2] == [1.0, 1.0]
     assert min(hits["true"][2:]) >= 0.8
     assert max(hits["false"]) < 0.6
