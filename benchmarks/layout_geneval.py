@@ -9,13 +9,14 @@ The gap between the two scores is what the renderer loses; the layout score is w
 of these layouts would get. ``--oracle`` scores the layouts the run's reader reads from the world's own
 renders of each prompt instead (the scorer's ceiling).
 
-Run: ``.venv/bin/python benchmarks/layout_geneval.py RUN [--stage instruct] [--min-cells 3] [--oracle] [key=value …]``
+Run: ``.venv/bin/python benchmarks/layout_geneval.py RUN [--stage instruct] [--min-cells N] [--oracle] [key=value …]``
 (``key=value``: sampling overrides such as ``next.ar_guidance_scale=2``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("overrides", nargs="*", help="sampling overrides, e.g. next.ar_guidance_scale=2")
     parser.add_argument("--stage", default=None, help="weights of this NEXT stage (default: the last trained)")
-    parser.add_argument("--min-cells", type=int, default=3, help="smallest group of cells that is an object")
+    parser.add_argument(
+        "--min-cells", type=int, default=None, help="smallest group of codes that is an object (default: 3 cells' area)"
+    )
     parser.add_argument("--oracle", action="store_true", help="read the world's renders of the prompts instead")
     args = parser.parse_args()
     pipe = NextPipeline.from_run(args.run, args.stage)
@@ -77,7 +80,8 @@ def main() -> None:
     k, side = cfg.eval.images_per_prompt, pipe.image_tokenizer.side
     cell = cfg.model.vision.image_size / side
     oracle = oracle_generator(cfg.model.vision.image_size, cfg.eval.seed) if args.oracle else None
-    scorer = GenEvalScorer(LayoutDetector(cell, args.min_cells))
+    min_cells = args.min_cells or math.ceil(3 / pipe.image_tokenizer.pool**2)  # pooled codes: 3 reading cells
+    scorer = GenEvalScorer(LayoutDetector(cell, min_cells))
     results = []
     for start in range(0, len(records), cfg.eval.batch_size):
         chunk = records[start : start + cfg.eval.batch_size]

@@ -257,3 +257,95 @@ def test_name_init_points_every_code_at_its_class_and_colour_words(layout_run):
     assert hits["true"][:2] == [1.0, 1.0]
     assert min(hits["true"][2:]) >= 0.8
     assert max(hits["false"]) < 0.6
+
+
+def _pooled_by_hand(ids: torch.Tensor, pool: int) -> torch.Tensor:
+    """Block by block: the most frequent object id (the lowest on a tie) when half the block is objects."""
+    b, h, w = ids.shape
+    out = torch.zeros(b, h // pool, w // pool, dtype=torch.long)
+    for i in range(b):
+        for r in range(h // pool):
+            for c in range(w // pool):
+                block = ids[i, r * pool : (r + 1) * pool, c * pool : (c + 1) * pool].flatten().tolist()
+                objects = [v for v in block if v != 0]
+                if 2 * len(objects) >= pool * pool:
+                    out[i, r, c] = min(set(objects), key=lambda v: (-objects.count(v), v))
+    return out
+
+
+def test_pooled_layout_codes_take_each_blocks_main_object():
+    from blip3o.models.heads import pool_ids
+
+    g = torch.Generator().manual_seed(0)
+    # Sparse random layouts with a few ids, so that blocks hold ties, single cells and mixtures.
+    ids = torch.randint(1, 5, (6, 8, 8), generator=g) * (torch.rand(6, 8, 8, generator=g) < 0.5)
+    for pool in (2, 4):
+        assert torch.equal(pool_ids(ids, pool), _pooled_by_hand(ids, pool))
+    assert torch.equal(pool_ids(ids, 1), ids)
+    by_hand = torch.tensor([[[3, 3, 0, 7], [0, 0, 0, 0]]])  # [3, 3] over [0, 0]: half objects → 3
+    assert pool_ids(by_hand, 2).tolist() == [[[3, 0]]]  # [0, 7] over [0, 0]: one cell of four → background
+    assert pool_ids(torch.tensor([[[9, 4], [4, 9]]]), 2).tolist() == [[[4]]]  # a tie goes to the lower id
+    with pytest.raises(ValueError, match="pool 3 must divide the layout's 8×8 cells"):
+        pool_ids(ids, 3)
+
+    tok = LayoutTokenizer(8, pool=2)
+    layout = ids_to_layout(ids)
+    codes = tok.encode(layout)
+    assert tok.side == 4 and tok.num_tokens() == 16 and codes.shape == (6, 16)
+    assert torch.equal(codes, _pooled_by_hand(ids, 2).flatten(1))
+    assert torch.equal(tok.decode(codes), ids_to_layout(codes.view(6, 4, 4)))
+    with pytest.raises(ValueError, match=r"layout must be \(B, classes \+ colours, 8, 8\)"):
+        tok.encode(layout[..., :4, :4])
+    with pytest.raises(ValueError, match="pool 3 must divide the reading's side 8"):
+        LayoutTokenizer(8, pool=3)
+
+
+def test_layout_pool_sets_the_token_count_and_bad_pools_are_refused():
+    cfg = apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=2", "next.image_tokens=64"])
+    assert (cfg.next.layout_pool, cfg.next.image_tokens) == (2, 64)
+    with pytest.raises(ConfigError, match=r"next\.image_tokens: is 256, but .* 16×16 reading pooled by 2 need 64"):
+        apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=2"])
+    with pytest.raises(ConfigError, match=r"next\.layout_pool: must divide the reading's side 16, got 3"):
+        apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=3", "next.image_tokens=16"])
+    with pytest.raises(ConfigError, match=r"next\.layout_pool: pools layout cells, so it needs image_codes='layout'"):
+        apply_overrides(get_preset("shapes-next"), ["next.layout_pool=2"])
+    with pytest.raises(ConfigError, match=r"next\.spatial: .* their side must divide latent_side 16"):
+        apply_overrides(get_preset("shapes-next"), ["next.image_tokens=36"])
+
+
+@pytest.fixture(scope="module")
+def pooled_run(layout_run):
+    """The tiny layout run's shared stages, with NEXT writing each 2×2 block of the reading as one code."""
+    from blip3o.train.recipe import run_recipe
+
+    out, _ = layout_run
+    cfg = apply_overrides(_tiny_layout_next(), ["next.layout_pool=2", "next.image_tokens=4"])
+    pooled = out.parent / "pooled"
+    run_recipe(cfg, pooled, progress=False, reuse=out)
+    return pooled, cfg
+
+
+def test_pooled_layout_runs_write_block_codes_and_keep_batching_and_blending(layout_run, pooled_run, monkeypatch):
+    out, _ = layout_run
+    pooled, cfg = pooled_run
+    pipe, full = load_pipeline(pooled), load_pipeline(out)
+    assert pipe.model.vocab.codebook_size == LAYOUT_VOCAB and pipe.image_tokenizer.side == 2
+    pixels = to_pixels(load_split(out / "world", "heldout").images[:4])
+    assert torch.equal(pipe.codes(pixels), _pooled_by_hand(full.codes(pixels).view(4, 4, 4), 2).flatten(1))
+    prompts = ["a photo of a red circle", "a photo of two blue stars and a green square"]
+    batch = pipe(prompts, seed=[5, 9])
+    alone = [pipe(p, seed=s)[0] for p, s in zip(prompts, [5, 9], strict=True)]
+    for a, b in zip(batch, alone, strict=True):
+        np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), atol=1)
+    # Blending at block resolution: written blocks equal to the reference's keep the reference's pixels.
+    sample_tokens = pipe.sample_tokens
+
+    def copying(input_ids, attention_mask, seeds, cfg, references=None):
+        sample = sample_tokens(input_ids, attention_mask, seeds, cfg, references)
+        sample.tokens = torch.tensor(references) + pipe.model.vocab.first_code_id
+        return sample
+
+    monkeypatch.setattr(pipe, "sample_tokens", copying)
+    source = to_images(pixels[:1])[0]
+    pipe.apply_sampling(apply_overrides(cfg, ["next.edit_blend=true"]))
+    np.testing.assert_array_equal(np.asarray(pipe.edit(source, "make the red circle blue", seed=0)[0]), source)

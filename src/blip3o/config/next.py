@@ -123,6 +123,11 @@ class NextConfig:
     1 weighs every code alike. At 10 the first cells take the asked colour more often (0.79 against 0.59,
     teacher-forced on captions) but objects start too readily: GenEval-shapes 0.349 against 0.436 at 1
     (docs/next.md "Colours are learnt late")."""
+    layout_pool: int = 1
+    """Layout codes: cells a side of the block of the reading one code stands for (the most frequent object of
+    the block when half of it is objects, else background; TA-Tok's scale pooling, on ids). 2 writes a 16×16
+    reading as 64 codes: a quarter of the tokens, and objects of 2–3 codes a side; SANA upsamples the condition
+    to its latent grid."""
     name_init: bool = False
     """Layout codes: start each image-token embedding from the text embeddings of its class and colour
     names (:func:`blip3o.models.next.word_rows` as the projection of the one-hot cells) instead of a random
@@ -224,6 +229,12 @@ class NextConfig:
         check_int("next.edit_blend_margin", self.edit_blend_margin, ge=0)
         check_float("next.copy_bias", self.copy_bias, ge=0)
         check_int("next.code_dim", self.code_dim, ge=1)
+        check_int("next.layout_pool", self.layout_pool, ge=1)
+        if self.layout_pool != 1 and self.image_codes != "layout":
+            raise ConfigError(
+                f"pools layout cells, so it needs image_codes='layout' (got {self.image_codes!r}); leave it at 1",
+                key="next.layout_pool",
+            )
         if self.name_init and self.image_codes != "layout":
             raise ConfigError(
                 f"starts layout codes from their class and colour names, so it needs image_codes='layout' "
@@ -241,6 +252,12 @@ class NextConfig:
         if self.spatial and math.isqrt(self.image_tokens) ** 2 != self.image_tokens:
             raise ConfigError(
                 f"spatial conditioning needs a square number of image tokens, got {self.image_tokens}",
+                key="next.spatial",
+            )
+        if self.spatial and self.latent_side % math.isqrt(self.image_tokens):
+            raise ConfigError(
+                f"spatial conditioning upsamples the {math.isqrt(self.image_tokens)}² image tokens to the latent grid, "
+                f"so their side must divide latent_side {self.latent_side}",
                 key="next.spatial",
             )
         if not isinstance(self.train_prompt_text, bool):
@@ -292,14 +309,16 @@ class NextConfig:
         return self.latent_channels, self.latent_side, self.latent_side
 
 
-def layout_code_fields(model: ModelConfig) -> dict[str, int]:
+def layout_code_fields(model: ModelConfig, pool: int = 1) -> dict[str, int]:
     """The :class:`NextConfig` counts that layout codes (``image_codes="layout"``) of ``model``'s grounded reading
-    fix: one code per cell id, one scale, one token per cell, and a connector as wide as the pixel decoder's
-    cell condition."""
+    fix: one code per cell id, one scale, one token per ``pool``×``pool`` block of cells, and a connector as wide
+    as the pixel decoder's cell condition."""
+    if model.layout_side % pool:
+        raise ConfigError(f"must divide the reading's side {model.layout_side}, got {pool}", key="next.layout_pool")
     return {
         "codebook_size": LAYOUT_VOCAB,
         "num_scales": 1,
-        "image_tokens": model.layout_side**2,
+        "image_tokens": (model.layout_side // pool) ** 2,
         "connector_dim": model.decoder_channels,
     }
 

@@ -207,7 +207,7 @@ def next_for(cfg: RunConfig, base: NextConfig) -> NextConfig:
     c, side, _ = model.latent_shape
     codes = {"image_tokens": model.vision.target_grid**2, "connector_dim": model.decoder_channels}
     if base.image_codes == "layout":
-        codes = layout_code_fields(model)
+        codes = layout_code_fields(model, base.layout_pool)
     return replace(
         base,
         **codes,

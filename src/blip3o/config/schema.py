@@ -153,10 +153,10 @@ class RunConfig:
                 "model.generation.target=layout",
                 key="next.image_codes",
             )
-        for name, value in layout_code_fields(model).items():
+        for name, value in layout_code_fields(model, nxt.layout_pool).items():
             if getattr(nxt, name) != value:
                 raise ConfigError(
                     f"is {getattr(nxt, name)}, but layout codes of a {model.layout_side}×{model.layout_side} reading "
-                    f"need {value}",
+                    f"pooled by {nxt.layout_pool} need {value}",
                     key=f"next.{name}",
                 )

@@ -113,6 +113,19 @@ def id_factors(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return obj, kind, colour
 
 
+def pool_ids(ids: torch.Tensor, pool: int) -> torch.Tensor:
+    """Cell ids (B, h, w) → the ids of their p×p blocks (B, h/p, w/p): a block is the object id it holds most
+    often when at least half its cells are objects (the lowest such id on a tie), else background."""
+    if pool == 1:
+        return ids
+    h, w = ids.shape[-2:]
+    if h % pool or w % pool:
+        raise ValueError(f"pool {pool} must divide the layout's {h}×{w} cells")
+    counts = F.avg_pool2d(F.one_hot(ids, LAYOUT_VOCAB).permute(0, 3, 1, 2).float(), pool)  # block shares
+    best = counts[:, 1:].argmax(1)
+    return torch.where(counts[:, 1:].sum(1) >= 0.5, best + 1, 0)
+
+
 def ids_to_layout(ids: torch.Tensor) -> torch.Tensor:
     """Cell ids (B, h, w) → the one-hot layout at ±1 (B, classes + colours, h, w), the inverse of
     :func:`layout_to_ids` on snapped layouts."""

@@ -46,7 +46,7 @@ from torch import nn
 
 from blip3o.config.checks import ConfigError, check_float, check_int
 from blip3o.config.next import ImageTokenizerConfig
-from blip3o.models.heads import LAYOUT_VOCAB, ids_to_layout, layout_to_ids
+from blip3o.models.heads import LAYOUT_VOCAB, ids_to_layout, layout_to_ids, pool_ids
 from blip3o.world.spec import COLOR_NAMES, SHAPES, plural
 
 __all__ = [
@@ -249,21 +249,29 @@ class ImageTokenizer(nn.Module):
 
 
 class LayoutTokenizer(nn.Module):
-    """Grounded layouts (B, classes + colours, s, s) ↔ cell ids (B, s²), row-major, one scale, no parameters.
+    """Grounded layouts (B, classes + colours, s, s) ↔ cell ids (B, (s/p)²), row-major, one scale, no parameters.
 
     A layout is the mini-CLIP's reading of an image (:meth:`blip3o.models.build.Encoders.layout`): each cell
     one class in one colour, one-hot at ±1. Its id is :func:`blip3o.models.heads.layout_to_ids`' (0 for
     background, then one per class-colour pair), so the codebook is the :data:`LAYOUT_VOCAB` one-hot layouts
-    and decoding is exact on snapped layouts.
+    and decoding is exact on snapped layouts. With ``pool`` p > 1 a code stands for a p×p block of the
+    reading (:func:`blip3o.models.heads.pool_ids`: the object it holds most when half of it is objects), the
+    analogue of TA-Tok's scale pooling: p² times fewer tokens an image, and :meth:`decode` gives the
+    coarse layout, ``side`` cells a side.
     """
 
-    def __init__(self, side: int) -> None:
+    def __init__(self, reading_side: int, pool: int = 1) -> None:
         super().__init__()
-        check_int("side", side, ge=1)
-        self.side = side
+        check_int("reading_side", reading_side, ge=1)
+        check_int("pool", pool, ge=1)
+        if reading_side % pool:
+            raise ValueError(f"pool {pool} must divide the reading's side {reading_side}")
+        self.reading_side, self.pool = reading_side, pool
+        self.side = reading_side // pool
+        """Codes a side of the code grid."""
 
     def num_tokens(self, scale_index: int = 0) -> int:
-        """Tokens per image: one per cell."""
+        """Tokens per image: one per cell of the code grid."""
         if scale_index != 0:
             raise ValueError(f"layout codes have one scale (index 0), got scale_index {scale_index}")
         return self.side**2
@@ -280,16 +288,15 @@ class LayoutTokenizer(nn.Module):
         return ["background", *(f"{s} {plural(s)}" for s in SHAPES), "background", *COLOR_NAMES]
 
     def encode(self, layout: torch.Tensor, scale_index: int = 0) -> torch.Tensor:
-        """layout (B, classes + colours, s, s) → ids (B, s²) int64."""
+        """layout (B, classes + colours, s, s) → ids (B, (s/p)²) int64."""
         n = self.num_tokens(scale_index)
-        if layout.ndim != 4 or layout.shape[-2:] != (self.side, self.side):
-            raise ValueError(
-                f"layout must be (B, classes + colours, {self.side}, {self.side}), got {tuple(layout.shape)}"
-            )
-        return layout_to_ids(layout).reshape(layout.shape[0], n)
+        s = self.reading_side
+        if layout.ndim != 4 or layout.shape[-2:] != (s, s):
+            raise ValueError(f"layout must be (B, classes + colours, {s}, {s}), got {tuple(layout.shape)}")
+        return pool_ids(layout_to_ids(layout), self.pool).reshape(layout.shape[0], n)
 
     def decode(self, ids: torch.Tensor, scale_index: int = 0) -> torch.Tensor:
-        """ids (B, s²) → the one-hot layout at ±1 (B, classes + colours, s, s)."""
+        """ids (B, (s/p)²) → the one-hot layout of the code grid at ±1 (B, classes + colours, s/p, s/p)."""
         n = self.num_tokens(scale_index)
         if ids.ndim != 2 or ids.shape[1] != n:
             raise ValueError(f"ids must be (B, {n}), got {tuple(ids.shape)}")

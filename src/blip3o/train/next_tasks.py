@@ -56,7 +56,7 @@ def build_image_tokenizer(cfg: NextConfig, enc_cfg) -> ImageTokenizer | LayoutTo
     """The image tokenizer of a NEXT config: SimVQ over the mini-CLIP's generation-target map, or the cells
     of its grounded reading (``next.image_codes``)."""
     if cfg.image_codes == "layout":
-        return LayoutTokenizer(enc_cfg.layout_side)
+        return LayoutTokenizer(enc_cfg.layout_side, cfg.layout_pool)
     return ImageTokenizer(cfg.tokenizer_config(), enc_cfg.vision.hidden_size, enc_cfg.vision.target_grid)
 
 
