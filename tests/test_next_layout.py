@@ -50,7 +50,8 @@ def test_layout_tokenizer_numbers_cells_by_class_and_colour_and_decodes_exactly(
 
 def test_the_layout_preset_is_wired_to_the_reading_and_bad_configs_are_refused():
     cfg = get_preset("shapes-next-layout")
-    side = cfg.model.vision.target_grid * cfg.model.vision.grounding_cells
+    side = cfg.model.vision.target_grid * cfg.model.vision.grounding_cells // 2  # a code for 2×2 cells
+    assert cfg.next.layout_pool == 2
     assert cfg.recipe.stages == ["clip", "vae", "reader", "decoder", "next", "instruct"]
     assert (cfg.next.image_codes, cfg.next.codebook_size, cfg.next.image_tokens) == ("layout", LAYOUT_VOCAB, side**2)
     assert cfg.next.connector_dim == NUM_CLASS_IDS + NUM_COLOUR_IDS and cfg.next.spatial
@@ -301,10 +302,10 @@ def test_pooled_layout_codes_take_each_blocks_main_object():
 
 
 def test_layout_pool_sets_the_token_count_and_bad_pools_are_refused():
-    cfg = apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=2", "next.image_tokens=64"])
-    assert (cfg.next.layout_pool, cfg.next.image_tokens) == (2, 64)
-    with pytest.raises(ConfigError, match=r"next\.image_tokens: is 256, but .* 16×16 reading pooled by 2 need 64"):
-        apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=2"])
+    cfg = apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=1", "next.image_tokens=256"])
+    assert (cfg.next.layout_pool, cfg.next.image_tokens) == (1, 256)
+    with pytest.raises(ConfigError, match=r"next\.image_tokens: is 64, but .* 16×16 reading pooled by 1 need 256"):
+        apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=1"])
     with pytest.raises(ConfigError, match=r"next\.layout_pool: must divide the reading's side 16, got 3"):
         apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=3", "next.image_tokens=16"])
     with pytest.raises(ConfigError, match=r"next\.layout_pool: pools layout cells, so it needs image_codes='layout'"):
