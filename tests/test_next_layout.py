@@ -51,7 +51,7 @@ def test_layout_tokenizer_numbers_cells_by_class_and_colour_and_decodes_exactly(
 def test_the_layout_preset_is_wired_to_the_reading_and_bad_configs_are_refused():
     cfg = get_preset("shapes-next-layout")
     side = cfg.model.vision.target_grid * cfg.model.vision.grounding_cells // 2  # a code for 2×2 cells
-    assert cfg.next.layout_pool == 2
+    assert cfg.next.layout_pool == 2 and cfg.next.edit_blend and cfg.next.copy_bias == 3
     assert cfg.recipe.stages == ["clip", "vae", "reader", "decoder", "next", "instruct"]
     assert (cfg.next.image_codes, cfg.next.codebook_size, cfg.next.image_tokens) == ("layout", LAYOUT_VOCAB, side**2)
     assert cfg.next.connector_dim == NUM_CLASS_IDS + NUM_COLOUR_IDS and cfg.next.spatial
