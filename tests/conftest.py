@@ -35,3 +35,23 @@ def tiny_next_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("next") / "run"
     summaries = run_recipe(resolve("tiny-next"), out, progress=False)
     return out, summaries
+
+
+@pytest.fixture
+def copy_reference_codes(monkeypatch):
+    """Make a NEXT pipeline write each edit's reference codes as its own (the sampled draw is replaced), the
+    case where a blended edit has to return the reference; returns the patched ``sample_tokens``."""
+    import torch
+
+    def patch(pipe):
+        sample_tokens = pipe.sample_tokens
+
+        def copying(input_ids, attention_mask, seeds, cfg, references=None):
+            sample = sample_tokens(input_ids, attention_mask, seeds, cfg, references)
+            sample.tokens = torch.tensor(references) + pipe.model.vocab.first_code_id
+            return sample
+
+        monkeypatch.setattr(pipe, "sample_tokens", copying)
+        return copying
+
+    return patch

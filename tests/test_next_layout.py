@@ -107,24 +107,22 @@ def test_a_layout_run_trains_without_a_tokenizer_stage_and_reads_images_as_cells
     assert torch.cdist(rows, rows).add(torch.eye(LAYOUT_VOCAB)).min() > 0
 
 
-def test_layout_codes_batch_like_single_prompts_and_blend_edits_cell_by_cell(layout_run, monkeypatch):
-    out, _ = layout_run
-    pipe = load_pipeline(out)
+def _assert_batch_is_single_prompts(pipe) -> None:
+    """Prompts of different lengths in one batch give the images each gives alone with the same seed."""
     prompts = ["a photo of a red circle", "a photo of two blue stars and a green square"]
     batch = pipe(prompts, seed=[5, 9])
     alone = [pipe(p, seed=s)[0] for p, s in zip(prompts, [5, 9], strict=True)]
     for a, b in zip(batch, alone, strict=True):
         np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), atol=1)
+
+
+def test_layout_codes_batch_like_single_prompts_and_blend_edits_cell_by_cell(layout_run, copy_reference_codes):
+    out, _ = layout_run
+    pipe = load_pipeline(out)
+    _assert_batch_is_single_prompts(pipe)
     # A blended edit whose written cells all equal the reference's is the reference itself, not its VAE
     # reconstruction.
-    sample_tokens = pipe.sample_tokens
-
-    def copying(input_ids, attention_mask, seeds, cfg, references=None):
-        sample = sample_tokens(input_ids, attention_mask, seeds, cfg, references)
-        sample.tokens = torch.tensor(references) + pipe.model.vocab.first_code_id
-        return sample
-
-    monkeypatch.setattr(pipe, "sample_tokens", copying)
+    copy_reference_codes(pipe)
     source = to_images(to_pixels(load_split(out / "world", "heldout").images[:1]))[0]
     recon = to_images(pipe.encoders.decode(pipe.encoders.latents(to_pixels([source]))))[0]
     pipe.apply_sampling(apply_overrides(_tiny_layout_next(), ["next.edit_blend=true"]))
@@ -326,27 +324,18 @@ def pooled_run(layout_run):
     return pooled, cfg
 
 
-def test_pooled_layout_runs_write_block_codes_and_keep_batching_and_blending(layout_run, pooled_run, monkeypatch):
+def test_pooled_layout_runs_write_block_codes_and_keep_batching_and_blending(
+    layout_run, pooled_run, copy_reference_codes
+):
     out, _ = layout_run
     pooled, cfg = pooled_run
     pipe, full = load_pipeline(pooled), load_pipeline(out)
     assert pipe.model.vocab.codebook_size == LAYOUT_VOCAB and pipe.image_tokenizer.side == 2
     pixels = to_pixels(load_split(out / "world", "heldout").images[:4])
     assert torch.equal(pipe.codes(pixels), _pooled_by_hand(full.codes(pixels).view(4, 4, 4), 2).flatten(1))
-    prompts = ["a photo of a red circle", "a photo of two blue stars and a green square"]
-    batch = pipe(prompts, seed=[5, 9])
-    alone = [pipe(p, seed=s)[0] for p, s in zip(prompts, [5, 9], strict=True)]
-    for a, b in zip(batch, alone, strict=True):
-        np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), atol=1)
+    _assert_batch_is_single_prompts(pipe)
     # Blending at block resolution: written blocks equal to the reference's keep the reference's pixels.
-    sample_tokens = pipe.sample_tokens
-
-    def copying(input_ids, attention_mask, seeds, cfg, references=None):
-        sample = sample_tokens(input_ids, attention_mask, seeds, cfg, references)
-        sample.tokens = torch.tensor(references) + pipe.model.vocab.first_code_id
-        return sample
-
-    monkeypatch.setattr(pipe, "sample_tokens", copying)
+    copy_reference_codes(pipe)
     source = to_images(pixels[:1])[0]
     pipe.apply_sampling(apply_overrides(cfg, ["next.edit_blend=true"]))
     np.testing.assert_array_equal(np.asarray(pipe.edit(source, "make the red circle blue", seed=0)[0]), source)

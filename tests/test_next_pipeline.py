@@ -362,7 +362,7 @@ def test_blend_velocity_lands_on_the_reference_where_kept_under_cfg():
     assert not torch.allclose(blended[:, :, :4], plain[:, :, :4])  # the redrawn part sees the kept context
 
 
-def test_edit_blend_keeps_the_reference_where_the_codes_are_copied(run, monkeypatch):
+def test_edit_blend_keeps_the_reference_where_the_codes_are_copied(run, monkeypatch, copy_reference_codes):
     """When the written codes equal the reference's, a blended edit is the reference itself, pixel for pixel;
     where one code differs, that cell and its margin are redrawn and the rest is still the reference's."""
     from blip3o.config.io import apply_overrides
@@ -370,14 +370,7 @@ def test_edit_blend_keeps_the_reference_where_the_codes_are_copied(run, monkeypa
     from blip3o.data.world_data import load_split
 
     pipe = load_pipeline(run[0])
-    sample_tokens = pipe.sample_tokens
-
-    def copying(input_ids, attention_mask, seeds, cfg, references=None):
-        out = sample_tokens(input_ids, attention_mask, seeds, cfg, references)
-        out.tokens = torch.tensor(references) + pipe.model.vocab.first_code_id
-        return out
-
-    monkeypatch.setattr(pipe, "sample_tokens", copying)
+    copying = copy_reference_codes(pipe)
     source = to_images(to_pixels(load_split(run[0] / "world", "heldout").images[:1]))[0]
     recon = to_images(pipe.encoders.decode(pipe.encoders.latents(to_pixels([source]))))[0]
     plain = pipe.edit(source, "make the red circle blue", seed=0)[0]

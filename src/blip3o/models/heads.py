@@ -121,9 +121,9 @@ def pool_ids(ids: torch.Tensor, pool: int) -> torch.Tensor:
     h, w = ids.shape[-2:]
     if h % pool or w % pool:
         raise ValueError(f"pool {pool} must divide the layout's {h}×{w} cells")
-    counts = F.avg_pool2d(F.one_hot(ids, LAYOUT_VOCAB).permute(0, 3, 1, 2).float(), pool)  # block shares
-    best = counts[:, 1:].argmax(1)
-    return torch.where(counts[:, 1:].sum(1) >= 0.5, best + 1, 0)
+    shares = F.avg_pool2d(F.one_hot(ids, LAYOUT_VOCAB).permute(0, 3, 1, 2).float(), pool)  # (B, K, h/p, w/p)
+    objects = shares[:, 1:]
+    return torch.where(objects.sum(1) >= 0.5, objects.argmax(1) + 1, 0)
 
 
 def ids_to_layout(ids: torch.Tensor) -> torch.Tensor:
