@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 
@@ -10,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from blip3o.config import ConfigError
 from blip3o.config.io import apply_overrides
@@ -19,7 +21,7 @@ from blip3o.data.processing import to_images, to_pixels
 from blip3o.data.world_data import load_split
 from blip3o.infer.next_pipeline import NextPipeline, load_pipeline
 from blip3o.models.build import clip_map
-from blip3o.models.heads import ids_to_layout, snap_layout
+from blip3o.models.heads import ids_to_layout, map_to_tokens, pool_layout, snap_layout, tokens_to_map
 from blip3o.models.image_tokenizer import LayoutTokenizer
 from blip3o.world.spec import NUM_CLASS_IDS, NUM_COLOUR_IDS
 
@@ -297,6 +299,41 @@ def test_pooled_layout_codes_take_each_blocks_main_object():
         tok.encode(layout[..., :4, :4])
     with pytest.raises(ValueError, match="pool 3 must divide the reading's side 8"):
         LayoutTokenizer(8, pool=3)
+    # A pooled layout is what SANA's spatial input makes of the codes: decoded, upsampled to the reading.
+    assert torch.equal(pool_layout(layout, 2), F.interpolate(tok.decode(codes), scale_factor=2, mode="nearest"))
+    assert torch.equal(pool_layout(layout, 1), layout)
+
+
+def test_a_pooled_decoder_draws_each_training_layout_at_one_of_its_block_sides(layout_run):
+    from blip3o.train.recipe import make_task
+
+    out, _ = layout_run
+    task = make_task("decoder", apply_overrides(_tiny_layout_next(), ["model.decoder.layout_pools=[1,2]"]), out)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 9, (64, 8, 8), generator=g) * (torch.rand(64, 8, 8, generator=g) < 0.6)
+    layout = ids_to_layout(ids)
+    pooled = tokens_to_map(task.pooled(map_to_tokens(layout), torch.Generator().manual_seed(1)))
+    same = (pooled == layout).flatten(1).all(1)
+    blocks = (pooled == pool_layout(layout, 2)).flatten(1).all(1)
+    assert (same ^ blocks).all()  # each sample is one or the other (random layouts always change when pooled)
+    assert 16 < int(blocks.sum()) < 48  # both sides are drawn, about half each
+    again = tokens_to_map(task.pooled(map_to_tokens(layout), torch.Generator().manual_seed(1)))
+    assert torch.equal(again, pooled)  # the draw is the batch seed's, so a resumed run repeats it
+    # The stage trains on the pooled layouts: its loss sees them.
+    batch = task.batch(0, 0, 0, 1)
+    assert torch.isfinite(task.loss(task.build_model(), batch)["loss"])
+
+
+def test_decoder_layout_pools_are_checked():
+    cfg = get_preset("shapes-blip3o-layout")
+    with pytest.raises(ConfigError, match=r"decoder\.layout_pools: \[1, 3\] must all divide the 16×16 reading"):
+        apply_overrides(cfg, ["model.decoder.layout_pools=[1,3]"])
+    with pytest.raises(ConfigError, match=r"decoder\.layout_pools: pools layouts, and this decoder reads CLIP maps"):
+        apply_overrides(get_preset("shapes-blip3o"), ["model.decoder.layout_pools=[1,2]"])
+    with pytest.raises(ConfigError, match=r"decoder\.layout_pools: needs at least one block side"):
+        apply_overrides(cfg, ["model.decoder.layout_pools=[]"])
+    with pytest.raises(ConfigError, match=r"decoder\.layout_pools"):
+        apply_overrides(cfg, ["model.decoder.layout_pools=[0]"])
 
 
 def test_layout_pool_sets_the_token_count_and_bad_pools_are_refused():
@@ -339,3 +376,73 @@ def test_pooled_layout_runs_write_block_codes_and_keep_batching_and_blending(
     source = to_images(pixels[:1])[0]
     pipe.apply_sampling(apply_overrides(cfg, ["next.edit_blend=true"]))
     np.testing.assert_array_equal(np.asarray(pipe.edit(source, "make the red circle blue", seed=0)[0]), source)
+
+
+@pytest.fixture(scope="module")
+def upsampled_run(layout_run):
+    """The pooled run, with SANA drawing from the reading its code upsampler puts back."""
+    from blip3o.train.recipe import run_recipe
+
+    out, _ = layout_run
+    overrides = ["next.layout_pool=2", "next.image_tokens=4", "next.upsample_codes=true"]
+    cfg = apply_overrides(_tiny_layout_next(), overrides)
+    up = out.parent / "upsampled"
+    run_recipe(cfg, up, progress=False, reuse=out)
+    return up, cfg
+
+
+def test_the_code_upsampler_learns_the_reading_and_feeds_sanas_spatial_input(upsampled_run):
+    from safetensors.torch import load_file
+
+    from blip3o.models.heads import CodeUpsampler, layout_to_ids, pool_ids
+    from blip3o.train.recipe import make_task, stage_config
+
+    up, cfg = upsampled_run
+    # The upsampler trains in `next` (its cross-entropy falls) and `instruct` leaves it as `next` wrote it.
+    assert "upsampler" in stage_config(cfg, "next").trainable
+    assert "upsampler" not in stage_config(cfg, "instruct").trainable
+    metrics = [json.loads(line) for line in (up / "next" / "metrics.jsonl").read_text().splitlines()]
+    cells = [m["cells"] for m in metrics if "cells" in m]
+    assert len(cells) > 1 and cells[-1] < cells[0]
+    weights = {stage: load_file(str(up / stage / "model.safetensors")) for stage in ("next", "instruct")}
+    ups = [k for k in weights["next"] if k.startswith("upsampler.")]
+    assert ups and all(torch.equal(weights["next"][k], weights["instruct"][k]) for k in ups)
+    # The task's codes are the tokenizer's (the pool of the cells it keeps), its spatial input the true reading.
+    task = make_task("instruct", cfg, up)
+    e = task.encoded
+    pixels = to_pixels(task.data.images[:8])
+    tok = task.image_tokenizer
+    reading = task.enc.layout(pixels)
+    assert torch.equal(e["codes"][:8], tok.encode(reading)) and torch.equal(
+        e["cells"][:8].long(), layout_to_ids(reading)
+    )
+    batch = task.batch(0, 0, 0, 1)
+    assert torch.equal(batch["upsample"]["codes"], pool_ids(batch["upsample"]["cells"], 2).flatten(1))
+    side = tok.reading_side
+    assert batch["spatial"].shape[1:] == (NUM_CLASS_IDS + NUM_COLOUR_IDS, side, side)
+    assert set(batch["spatial"].unique().tolist()) == {-1.0, 1.0}
+    # At sampling SANA's spatial channels hold the upsampler's reading of the written codes, zeros when dropped.
+    pipe = load_pipeline(up)
+    model = pipe.model
+    assert isinstance(model.upsampler, CodeUpsampler)
+    codes = pipe.codes(pixels[:2])
+    spatial = model.upsampler.layout(codes)
+    assert torch.equal(spatial, ids_to_layout(model.upsampler(codes).argmax(1)))
+    g = torch.Generator().manual_seed(0)
+    latent = cfg.next.latent_side
+    x, sigma = torch.randn(2, cfg.next.latent_channels, latent, latent, generator=g), torch.tensor([0.3, 0.8])
+    cond = torch.randn(2, 5, cfg.next.connector_dim, generator=g)
+    grid = F.interpolate(spatial, size=(latent, latent), mode="nearest")
+    want = model.dit(torch.cat([x, grid, torch.zeros_like(x)], 1), cond, 1000 * sigma).sample
+    torch.testing.assert_close(model.velocity(x, sigma, cond, spatial=spatial), want)
+    with pytest.raises(ValueError, match="takes SANA's spatial input as `spatial`"):
+        model.velocity(x, sigma, cond)
+    _assert_batch_is_single_prompts(pipe)
+
+
+def test_upsample_codes_needs_pooled_spatial_layout_codes():
+    with pytest.raises(ConfigError, match=r"next\.upsample_codes: .* layout_pool > 1 and spatial=true"):
+        apply_overrides(
+            get_preset("shapes-next-layout"),
+            ["next.layout_pool=1", "next.image_tokens=256", "next.upsample_codes=true"],
+        )

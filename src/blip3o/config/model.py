@@ -252,11 +252,22 @@ class DecoderConfig:
     """Conditioning augmentation (Imagen, cascaded diffusion): each training map gets Gaussian noise of a
     std drawn uniformly from [0, noise_augment], so that the decoder learns to render maps that are near,
     not on, the encoder's (what a generation head samples). 0 trains on the encoder's maps only."""
+    layout_pools: list[int] = field(default_factory=lambda: [1])
+    """Block sides the decoder learns to draw layouts from (layout-target models only): each training layout
+    is pooled by one of them, drawn per sample (:func:`blip3o.models.heads.pool_layout`: each p×p block
+    becomes the object it holds most, as BLIP3o-NEXT's ``next.layout_pool`` codes see the image). ``[1]``
+    trains on the reading as it is; ``[1, 2]`` serves a BLIP3-o layout model and NEXT over 2×2 codes."""
     steps: int = 20
     guidance_scale: float = 1.5
 
     def __post_init__(self) -> None:
         check_float("decoder.noise_augment", self.noise_augment, ge=0)
+        if not self.layout_pools:
+            raise ConfigError(
+                "needs at least one block side; [1] trains on the reading as it is", key="decoder.layout_pools"
+            )
+        for p in self.layout_pools:
+            check_int("decoder.layout_pools", p, ge=1)
 
 
 @dataclass(kw_only=True)
@@ -279,6 +290,18 @@ class ModelConfig:
                 f"the MSE head needs one query per target token: num_queries must be {h * w} "
                 f"({h}×{w}), got {gen.num_queries}",
                 key="generation.num_queries",
+            )
+        pools = self.decoder.layout_pools
+        if pools != [1] and self.decoder_input != "layout":
+            raise ConfigError(
+                f"pools layouts, and this decoder reads CLIP maps (generation.target={self.generation.target}); "
+                "leave it [1] or set generation.target=layout",
+                key="decoder.layout_pools",
+            )
+        if any(self.layout_side % p for p in pools):
+            raise ConfigError(
+                f"{pools} must all divide the {self.layout_side}×{self.layout_side} reading",
+                key="decoder.layout_pools",
             )
 
     @property

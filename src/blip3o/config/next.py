@@ -187,6 +187,16 @@ class NextConfig:
     (after token guidance), so a cell the instruction does not name keeps its code unless the model is sure
     it changes. Needs local codes (layout codes, or ``recipe.clip_local_weight``), where an unchanged object
     keeps its codes at the same positions. 0 is off."""
+    upsample_codes: bool = False
+    """Pooled layout codes (``layout_pool`` > 1) only: a small convolutional net
+    (:class:`blip3o.models.heads.CodeUpsampler`, trained in the ``next`` stage on the world's readings by
+    cross-entropy) puts back the reading's cells that the blocks drop, and SANA's spatial input is that
+    reading (one-hot at ±1, as the pixel decoder it starts from was trained on) instead of the connector's
+    block map. The condition tokens (cross-attention) stay the connector's. SANA trains on the true reading;
+    at sampling it draws from the reading upsampled from the written codes."""
+    upsampler_width: int = 64
+    upsampler_batch: int = 256
+    """Readings per step the upsampler trains on (drawn from all training scenes, beside the step's rows)."""
     train_prompt_text: bool = False
     """Also take cross-entropy on the prompt text (system and user turns). Off by default: the prompt is
     always given at inference, so predicting it only spends capacity and gradient on text modelling that
@@ -234,6 +244,14 @@ class NextConfig:
             raise ConfigError(
                 f"pools layout cells, so it needs image_codes='layout' (got {self.image_codes!r}); leave it at 1",
                 key="next.layout_pool",
+            )
+        check_int("next.upsampler_width", self.upsampler_width, ge=1)
+        check_int("next.upsampler_batch", self.upsampler_batch, ge=1)
+        if self.upsample_codes and (self.layout_pool == 1 or not self.spatial):
+            raise ConfigError(
+                "upsamples pooled layout codes into SANA's spatial input, so it needs image_codes='layout' with "
+                f"layout_pool > 1 and spatial=true (got layout_pool={self.layout_pool}, spatial={self.spatial})",
+                key="next.upsample_codes",
             )
         if self.name_init and self.image_codes != "layout":
             raise ConfigError(

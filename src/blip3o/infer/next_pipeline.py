@@ -227,13 +227,13 @@ class NextPipeline:
         refs = None if codes is None else codes.tolist()
         ids, mask = image_prompts(self.tokenizer, self.model.vocab, prompts, refs)
         sample = self.sample_tokens(ids, mask, seeds, cfg, refs)
+        written = self.model.vocab.ids_to_codes(sample.tokens)
         if reference is None:
-            return to_images(self.render(sample.hidden, seeds, cfg, progress=progress))
+            return to_images(self.render(sample.hidden, seeds, cfg, progress=progress, codes=written))
         latents, keep = self.encoders.latents(reference), None
         if cfg.edit_blend:
-            written = self.model.vocab.ids_to_codes(sample.tokens)
             keep = kept_mask(written, codes, cfg.latent_side, cfg.edit_blend_margin)
-        images = self.render(sample.hidden, seeds, cfg, latents, progress, keep)
+        images = self.render(sample.hidden, seeds, cfg, latents, progress, keep, written)
         return to_images(images if keep is None else paste_kept(images, reference, keep))
 
     def sample_tokens(
@@ -278,26 +278,34 @@ class NextPipeline:
         reference_latents: torch.Tensor | None = None,
         progress: bool = False,
         keep: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] from the conditioning hidden states (B, 1 + N, H): connector → SANA
         (Euler + CFG) → VAE. ``keep`` (B, 1, s, s): where the latents follow the reference's
-        (:func:`blend_velocity`)."""
+        (:func:`blend_velocity`). ``codes`` (B, N): the written codes, which a model with a code upsampler
+        turns into SANA's spatial input (zeros in the unconditional branch)."""
         cond = self.model.connector(hidden)  # (B, 1 + N, C)
         null = self.model.null_condition(len(seeds), cfg.image_tokens)
+        spatial = null_spatial = None
+        if self.model.upsampler is not None:
+            if codes is None:
+                raise ValueError("this model draws from the reading upsampled from its codes: pass the written codes")
+            spatial = self.model.upsampler.layout(codes)
+            null_spatial = torch.zeros_like(spatial)
         ref = reference_latents if cfg.reference_latents else None
         noise = seeded_noise(cfg.latent_shape, [s + NOISE_OFFSET for s in seeds])
         start = 1.0
         if reference_latents is not None and cfg.edit_strength < 1.0:  # SDEdit from the noised reference
             start = cfg.edit_strength
             noise = (1.0 - start) * reference_latents + start * noise
-        velocity = lambda x, sigma, c: self.model.velocity(x, sigma, c[0], reference=c[1])  # noqa: E731
+        velocity = lambda x, sigma, c: self.model.velocity(x, sigma, c[0], reference=c[1], spatial=c[2])  # noqa: E731
         if keep is not None:
             velocity = blend_velocity(velocity, reference_latents, keep)
         latents = euler_sample(
             velocity,
             noise,
-            (cond, ref),
-            uncond=(null, ref),
+            (cond, ref, spatial),
+            uncond=(null, ref, null_spatial),
             num_steps=cfg.steps,
             guidance_scale=cfg.guidance_scale,
             start=start,

@@ -126,6 +126,39 @@ def pool_ids(ids: torch.Tensor, pool: int) -> torch.Tensor:
     return torch.where(objects.sum(1) >= 0.5, objects.argmax(1) + 1, 0)
 
 
+def pool_layout(layout: torch.Tensor, pool: int) -> torch.Tensor:
+    """A snapped layout (B, classes + colours, h, w) as p×p block codes see it: each block's :func:`pool_ids`
+    id drawn over all of the block's cells, so the shape stays (B, classes + colours, h, w)."""
+    if pool == 1:
+        return layout
+    ids = pool_ids(layout_to_ids(layout), pool).repeat_interleave(pool, -2).repeat_interleave(pool, -1)
+    return ids_to_layout(ids).to(layout.dtype)
+
+
+class CodeUpsampler(nn.Module):
+    """Pooled layout codes (B, n) on an (s/p)² grid → logits (B, ids, s, s) of the reading's cells: an id
+    embedding, three 3×3 convolutions (GELU) and a 1×1 convolution to p² cells' logits, pixel-shuffled. A
+    block's neighbours say where in it an object lies and how its footprint goes on."""
+
+    def __init__(self, pool: int, width: int = 64) -> None:
+        super().__init__()
+        self.pool = pool
+        self.embed = nn.Embedding(LAYOUT_VOCAB, width)
+        layers: list[nn.Module] = []
+        for _ in range(3):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.GELU()]
+        self.body = nn.Sequential(*layers, nn.Conv2d(width, LAYOUT_VOCAB * pool * pool, 1), nn.PixelShuffle(pool))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        side = math.isqrt(codes.shape[1])
+        return self.body(self.embed(codes.view(-1, side, side)).permute(0, 3, 1, 2))
+
+    @torch.no_grad()
+    def layout(self, codes: torch.Tensor) -> torch.Tensor:
+        """The most likely reading of each cell as a one-hot layout at ±1 (B, classes + colours, s, s)."""
+        return ids_to_layout(self(codes).argmax(1))
+
+
 def ids_to_layout(ids: torch.Tensor) -> torch.Tensor:
     """Cell ids (B, h, w) → the one-hot layout at ±1 (B, classes + colours, h, w), the inverse of
     :func:`layout_to_ids` on snapped layouts."""

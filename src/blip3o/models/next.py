@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from blip3o.config.next import NextConfig
-from blip3o.models.heads import tokens_to_map
+from blip3o.models.heads import CodeUpsampler, tokens_to_map
 from blip3o.models.parts import build_backbone, build_sana
 from blip3o.models.unified import positions_from_mask
 
@@ -292,6 +292,8 @@ class NextOutput:
     """(B, T, H) last-layer hidden states (after the backbone's final norm)."""
     velocity: Tensor | None = None
     """(B, c, h, w) SANA's velocity for the given noisy latents, when :meth:`BLIP3oNext.forward` got them."""
+    cell_logits: Tensor | None = None
+    """(B, ids, s, s) the code upsampler's reading of the codes :meth:`BLIP3oNext.forward` got to upsample."""
 
 
 class BLIP3oNext(nn.Module):
@@ -307,6 +309,8 @@ class BLIP3oNext(nn.Module):
             grid and concatenated to its input channels (:attr:`NextConfig.spatial`).
         reference_latents: the DiT's input also holds a reference image's latents, for editing
             (:attr:`NextConfig.reference_latents`); zeros when there is none.
+        upsampler: pooled layout codes → the reading's cells (:attr:`NextConfig.upsample_codes`); SANA's
+            spatial input is then a reading given to :meth:`velocity`, not the connector's map.
     """
 
     def __init__(
@@ -318,6 +322,7 @@ class BLIP3oNext(nn.Module):
         *,
         spatial: bool = False,
         reference_latents: bool = False,
+        upsampler: CodeUpsampler | None = None,
     ) -> None:
         super().__init__()
         width = backbone.config.hidden_size
@@ -332,6 +337,9 @@ class BLIP3oNext(nn.Module):
         self.backbone, self.connector, self.dit = backbone, connector, dit
         self.vocab = vocab
         self.spatial, self.reference_latents = spatial, reference_latents
+        if upsampler is not None and not spatial:
+            raise ValueError("an upsampler feeds SANA's spatial input, and this model has none (spatial=False)")
+        self.upsampler = upsampler
         latent = dit.config.out_channels
         expected = latent * (2 if reference_latents else 1) + (dit.config.caption_channels if spatial else 0)
         if dit.config.in_channels != expected:
@@ -360,7 +368,16 @@ class BLIP3oNext(nn.Module):
         dit = build_sana(
             cfg.sana, cfg.sana_in_channels, cfg.latent_side, cfg.connector_dim, out_channels=cfg.latent_channels
         )
-        return cls(backbone, connector, dit, vocab, spatial=cfg.spatial, reference_latents=cfg.reference_latents)
+        upsampler = CodeUpsampler(cfg.layout_pool, cfg.upsampler_width) if cfg.upsample_codes else None
+        return cls(
+            backbone,
+            connector,
+            dit,
+            vocab,
+            spatial=cfg.spatial,
+            reference_latents=cfg.reference_latents,
+            upsampler=upsampler,
+        )
 
     @torch.no_grad()
     def init_image_embeddings(
@@ -450,18 +467,28 @@ class BLIP3oNext(nn.Module):
         keep: Tensor | None = None,
         reference: Tensor | None = None,
         num_tokens: int | None = None,
+        spatial: Tensor | None = None,
+        upsample: Tensor | None = None,
     ) -> NextOutput:
         """input_ids, attention_mask (B, T) → :class:`NextOutput`: logits (B, T, V), hidden (B, T, H) and,
         given noisy ``latents`` (B, c, h, w) at ``sigma`` (B,), the velocity conditioned on each row's
-        ``num_tokens`` image tokens (``keep`` and ``reference`` as in :meth:`connect` and :meth:`velocity`).
-        One call, so that a sharded (FSDP) model runs the whole training step inside its forward."""
+        ``num_tokens`` image tokens (``keep``, ``reference`` and ``spatial`` as in :meth:`connect` and
+        :meth:`velocity`; ``keep`` drops ``spatial`` too), and given pooled codes ``upsample`` (B', n), the
+        upsampler's cell logits. One call, so that a sharded (FSDP) model runs the whole training step
+        inside its forward."""
         hidden = self.hidden_states(input_ids, attention_mask)
         out = NextOutput(logits=self.backbone.get_output_embeddings()(hidden), hidden=hidden)
         if latents is not None:
             if sigma is None or num_tokens is None:
                 raise ValueError("noisy latents need their sigma and num_tokens")
             cond = self.connect(hidden, input_ids, attention_mask, num_tokens, keep)
-            out.velocity = self.velocity(latents, sigma, cond, reference=reference)
+            if spatial is not None and keep is not None:
+                spatial = spatial * keep.to(spatial.dtype)[:, None, None, None]
+            out.velocity = self.velocity(latents, sigma, cond, reference=reference, spatial=spatial)
+        if upsample is not None:
+            if self.upsampler is None:
+                raise ValueError("this model has no code upsampler (NextConfig.upsample_codes=False)")
+            out.cell_logits = self.upsampler(upsample)
         return out
 
     def connect(
@@ -502,20 +529,29 @@ class BLIP3oNext(nn.Module):
         cond: Tensor,
         cond_mask: Tensor | None = None,
         reference: Tensor | None = None,
+        spatial: Tensor | None = None,
     ) -> Tensor:
         """SANA's flow velocity for latents x_σ (B, c, h, w) at σ ∈ [0, 1] (B,) or (), σ = 1 pure noise.
 
         ``cond`` (B, L, C) from :meth:`condition`; ``cond_mask`` (B, L), 1 where a token may be attended;
         ``reference`` (B, c, h, w) the latents of the image being edited (zeros when ``None``), used only
-        when the model has reference channels. SANA counts time in [0, 1000]; the factor is applied here
-        so callers only see σ.
+        when the model has reference channels. ``spatial`` (B, C, s, s): a model with an upsampler takes
+        its spatial input from it (a reading, zeros for the unconditional branch) instead of the
+        connector's map of ``cond``. SANA counts time in [0, 1000]; the factor is applied here so callers
+        only see σ.
         """
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=latents.dtype)
         if sigma.ndim == 0:
             sigma = sigma.expand(latents.shape[0])
         x = latents
-        if self.spatial:  # the N image-token outputs of the connector, as a map on the latent grid
-            grid = F.interpolate(tokens_to_map(cond[:, 1:]), size=latents.shape[-2:], mode="nearest")
+        if (spatial is None) != (self.upsampler is None):
+            raise ValueError(
+                "a model with a code upsampler takes SANA's spatial input as `spatial`, one without takes it from "
+                f"the condition (upsampler: {self.upsampler is not None}, spatial given: {spatial is not None})"
+            )
+        if self.spatial:  # the reading, or the N image-token outputs of the connector as a map, on the latent grid
+            grid = tokens_to_map(cond[:, 1:]) if spatial is None else spatial
+            grid = F.interpolate(grid, size=latents.shape[-2:], mode="nearest")
             x = torch.cat([x, grid.to(x.dtype)], dim=1)
         if self.reference_latents:
             x = torch.cat([x, torch.zeros_like(latents) if reference is None else reference.to(x.dtype)], dim=1)

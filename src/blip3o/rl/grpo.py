@@ -171,7 +171,8 @@ class _GRPO:
         self.policy.eval()
         ids, mask = image_prompts(self.pipe.tokenizer, self.policy.vocab, [r["prompt"] for r in records])
         sample = self.pipe.sample_tokens(ids, mask, seeds, self.sampling)
-        images = to_images(self.pipe.render(sample.hidden, seeds, self.render_cfg))
+        codes = self.pipe.model.vocab.ids_to_codes(sample.tokens)
+        images = to_images(self.pipe.render(sample.hidden, seeds, self.render_cfg, codes=codes))
         return {"input_ids": ids, "attention_mask": mask, "tokens": sample.tokens, "images": images}
 
     def logps(self, model: torch.nn.Module, batch: dict[str, Any], rows: slice) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ from blip3o.data.world_data import load_split
 from blip3o.diffusion.flow import flow_loss
 from blip3o.infer.pipeline import MODEL_FILE, require
 from blip3o.models.build import Encoders, load_weights
-from blip3o.models.heads import map_to_tokens
+from blip3o.models.heads import ids_to_layout, layout_to_ids, map_to_tokens, pool_ids
 from blip3o.models.image_tokenizer import ImageTokenizer, LayoutTokenizer, codebook_usage, perplexity
 from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary, condition_positions, word_rows
 from blip3o.train.tasks import (
@@ -227,22 +227,26 @@ class NextTask(StageTask):
     def encoded(self) -> dict[str, torch.Tensor]:
         """Codes and latents of the scenes, of their edited versions and of the text scenes (none unless
         text rows are asked for), encoded at the first batch, so that a finished stage encodes nothing."""
-        codes, latents = encode_images(self.data.images, self.enc, self.image_tokenizer)
-        edit_codes, edit_latents = encode_images(self.data.edit_images, self.enc, self.image_tokenizer)
-        text_codes, text_latents = codes[:0], latents[:0]
+        out = self.encode(self.data.images, "")
+        out |= self.encode(self.data.edit_images, "edit_")
         if self.next_cfg.text_fraction > 0:
             side = self.data.images.shape[-1]  # text scenes have their own size (world.text_size)
             texts = F.interpolate(self.data.text_images.float(), size=(side, side), mode="bilinear", antialias=True)
-            texts = texts.round().clamp(0, 255).to(torch.uint8)
-            text_codes, text_latents = encode_images(texts, self.enc, self.image_tokenizer)
-        return {
-            "codes": codes,
-            "latents": latents,
-            "edit_codes": edit_codes,
-            "edit_latents": edit_latents,
-            "text_codes": text_codes,
-            "text_latents": text_latents,
-        }
+            out |= self.encode(texts.round().clamp(0, 255).to(torch.uint8), "text_")
+        else:
+            out |= {f"text_{k}": v[:0] for k, v in out.items() if not k.startswith("edit_")}
+        return out
+
+    def encode(self, images: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+        """``codes`` and ``latents`` of uint8 images and, for a model with a code upsampler, ``cells``: the
+        reading's cell ids (N, s, s), which the codes pool."""
+        if not self.next_cfg.upsample_codes:
+            codes, latents = encode_images(images, self.enc, self.image_tokenizer)
+            return {f"{prefix}codes": codes, f"{prefix}latents": latents}
+        cells = encode_in_chunks(images, lambda pixels: layout_to_ids(self.enc.layout(pixels)).to(torch.uint8))
+        codes = pool_ids(cells.long(), self.next_cfg.layout_pool).flatten(1)
+        latents = encode_in_chunks(images, self.enc.latents)
+        return {f"{prefix}codes": codes, f"{prefix}latents": latents, f"{prefix}cells": cells}
 
     def build_model(self) -> nn.Module:
         model = BLIP3oNext.from_config(self.next_cfg, self.vocab)
@@ -296,6 +300,12 @@ class NextTask(StageTask):
             reference = torch.zeros_like(out["latents"])
             reference[written:] = e["latents"][edits]
             out["reference"] = reference
+            if cfg.upsample_codes:  # SANA draws from the true reading of each row's target
+                cells = torch.cat([e["cells"][t2i], e["text_cells"][words], e["edit_cells"][j]])
+                out["spatial"] = ids_to_layout(cells.long())
+        if cfg.upsample_codes:
+            pick = torch.randint(len(e["codes"]), (cfg.upsampler_batch,), generator=side_generator(out["seed"]))
+            out["upsample"] = {"codes": e["codes"][pick], "cells": e["cells"][pick].long()}
         if und:
             chats = [conversation(self.data.meta[i], rng, self.qa_turns) for i in und]
             questions, answers = [q for q, _ in chats], [a for _, a in chats]
@@ -316,7 +326,8 @@ class NextTask(StageTask):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = self.next_cfg
         zero = torch.zeros(())
-        ce, flow, text = zero, zero, zero
+        ce, flow, text, cells = zero, zero, zero, zero
+        upsample = batch.get("upsample")
         if "image" in batch:
             rows = batch["image"]
             sigma, x_t, target, keep = flow_step(cfg.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"])
@@ -332,7 +343,11 @@ class NextTask(StageTask):
                     keep=keep[r],
                     reference=None if reference is None else reference[r],
                     num_tokens=cfg.image_tokens,
+                    spatial=batch["spatial"][r] if "spatial" in batch else None,
+                    upsample=upsample["codes"] if upsample is not None and start == 0 else None,
                 )
+                if out.cell_logits is not None:
+                    cells = F.cross_entropy(out.cell_logits, upsample["cells"])
                 labels = rows["labels"][r, :width]
                 weights = None
                 if cfg.start_cell_weight != 1:
@@ -345,8 +360,9 @@ class NextTask(StageTask):
             rows = batch["text"]
             text = causal_lm_loss(model(rows["input_ids"], rows["attention_mask"]).logits, rows["labels"])
         return {
-            "loss": cfg.ce_weight * (ce + text) + cfg.flow_weight * flow,
+            "loss": cfg.ce_weight * (ce + text) + cfg.flow_weight * flow + cells,
             "ce": ce.detach(),
+            "cells": cells.detach(),
             "flow": flow.detach(),
             "text": text.detach(),
         }

@@ -83,10 +83,13 @@ def encoders(cfg: RunConfig, out: Path) -> Encoders:
 
 def stage_config(cfg: RunConfig, stage: str) -> TrainConfig:
     """The training settings of ``stage``; the BLIP3o-NEXT stages train, unless their config lists modules
-    itself, the backbone, the connector and the SANA modules of ``next.train_sana`` (one declaration)."""
+    itself, the backbone, the connector and the SANA modules of ``next.train_sana`` (one declaration), and in
+    ``next`` the code upsampler when the model has one (``instruct`` keeps it as ``next`` left it)."""
     tcfg = cfg.recipe.stage(stage)
     if stage in ("next", "instruct") and not tcfg.trainable and cfg.next is not None:
-        return replace(tcfg, trainable=["backbone", "connector", *(f"dit.{p}" for p in cfg.next.train_sana)])
+        upsampler = ["upsampler"] if cfg.next.upsample_codes and stage == "next" else []
+        sana = [f"dit.{p}" for p in cfg.next.train_sana]
+        return replace(tcfg, trainable=["backbone", "connector", *sana, *upsampler])
     return tcfg
 
 

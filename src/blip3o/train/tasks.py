@@ -31,7 +31,7 @@ from blip3o.data.world_data import WorldSplit, batch_indices, load_split
 from blip3o.diffusion.flow import flow_loss, interpolate, sample_sigmas, velocity_target
 from blip3o.diffusion.masked import corrupt_cells, mask_cells, masked_ce
 from blip3o.models.build import Encoders, build_blip3o, build_reader, clip_map, grounding_width, load_weights
-from blip3o.models.heads import LAYOUT_VOCAB, PixelDecoder, layout_to_ids, map_to_tokens
+from blip3o.models.heads import LAYOUT_VOCAB, PixelDecoder, layout_to_ids, map_to_tokens, pool_layout, tokens_to_map
 from blip3o.models.parts import build_clip, build_vae
 from blip3o.models.unified import GENERATION_PARTS
 from blip3o.world.prompts import shape_swapped, shapes_named
@@ -411,7 +411,8 @@ class ReaderTask(StageTask):
 
 
 class DecoderTask(StageTask):
-    """Pixel decoder: SANA flow matching over VAE latents, conditioned on CLIP maps (dropped with p)."""
+    """Pixel decoder: SANA flow matching over VAE latents, conditioned on CLIP maps or layouts (dropped with p);
+    each layout pooled by one of ``decoder.layout_pools``, drawn per sample."""
 
     def build_model(self) -> nn.Module:
         c, side, _ = self.cfg.latent_shape
@@ -429,12 +430,25 @@ class DecoderTask(StageTask):
         clip, latents = self.targets
         return {"latents": latents[idx], "clip": clip[idx], "seed": self.generator(step, micro, rank)}
 
+    def pooled(self, tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Layout tokens (B, s·s, C), each sample's pooled by a block side drawn from ``decoder.layout_pools``."""
+        pools = self.cfg.decoder.layout_pools
+        if pools == [1]:
+            return tokens
+        layout = tokens_to_map(tokens)
+        choice = torch.randint(len(pools), (len(tokens),), generator=g)
+        out = layout.clone()
+        for i, p in enumerate(pools):
+            pick = choice == i
+            out[pick] = pool_layout(layout[pick], p)
+        return map_to_tokens(out)
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         dec = self.cfg.decoder
         sigma, x_t, target, keep = flow_step(dec.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"])
-        clip = batch["clip"]
+        g = side_generator(batch["seed"])
+        clip = self.pooled(batch["clip"], g)
         if dec.noise_augment > 0:
-            g = side_generator(batch["seed"])
             level = dec.noise_augment * torch.rand(clip.shape[0], 1, 1, generator=g)
             clip = clip + level * torch.randn(clip.shape, generator=g)
         v = model(x_t, sigma, clip * keep[:, None, None])
