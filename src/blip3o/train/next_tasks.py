@@ -244,7 +244,8 @@ class NextTask(StageTask):
             codes, latents = encode_images(images, self.enc, self.image_tokenizer)
             return {f"{prefix}codes": codes, f"{prefix}latents": latents}
         cells = encode_in_chunks(images, lambda pixels: layout_to_ids(self.enc.layout(pixels)).to(torch.uint8))
-        codes = pool_ids(cells.long(), self.next_cfg.layout_pool).flatten(1)
+        pool = self.next_cfg.layout_pool  # in chunks: pooling one-hots every id (61 floats a cell)
+        codes = torch.cat([pool_ids(chunk.long(), pool).flatten(1) for chunk in cells.split(1024)])
         latents = encode_in_chunks(images, self.enc.latents)
         return {f"{prefix}codes": codes, f"{prefix}latents": latents, f"{prefix}cells": cells}
 
