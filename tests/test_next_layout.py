@@ -417,6 +417,8 @@ def test_the_code_upsampler_learns_the_reading_and_feeds_sanas_spatial_input(ups
         e["cells"][:8].long(), layout_to_ids(reading)
     )
     batch = task.batch(0, 0, 0, 1)
+    assert "upsample" not in batch  # instruct keeps the upsampler as it is, so it draws no readings for it
+    batch = make_task("next", cfg, up).batch(0, 0, 0, 1)
     assert torch.equal(batch["upsample"]["codes"], pool_ids(batch["upsample"]["cells"], 2).flatten(1))
     side = tok.reading_side
     assert batch["spatial"].shape[1:] == (NUM_CLASS_IDS + NUM_COLOUR_IDS, side, side)

@@ -8,7 +8,8 @@
   matching), which starts from the ``decoder`` stage and stays frozen but for ``NextConfig.train_sana``.
   Rows mix text-to-image on captions, edit triplets (reference codes in the prompt, reference latents
   into SANA, a share of the target's input codes corrupted: ``NextConfig.edit_corruption``) and
-  image → text.
+  image → text. With ``NextConfig.upsample_codes`` SANA draws from each target's true reading, and the
+  code upsampler learns the readings from their codes (cross-entropy, ``cells``).
 - ``instruct``: the same losses from the ``next`` weights on a curated set, the shapes analogue of
   BLIP3o-60k: an equal number of scenes per GenEval tag, each asked for by its GenEval-style prompt
   or by its caption (``prompt_fraction``).
@@ -196,6 +197,8 @@ class NextTask(StageTask):
         init: weights of an earlier NEXT stage to continue from (the ``instruct`` stage).
         prompt_fraction: share of image rows asked for by the GenEval-style prompt rather than the caption.
         curated: scenes per GenEval tag to train on (None: every training scene).
+        train_upsampler: draw ``next.upsampler_batch`` readings a step for the code upsampler's
+            cross-entropy (the stage trains it).
     """
 
     def __init__(
@@ -208,9 +211,11 @@ class NextTask(StageTask):
         prompt_fraction: float = 0.0,
         curated: int | None = None,
         qa_turns: int = 1,
+        train_upsampler: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.train_upsampler = train_upsampler
         self.next_cfg, self.decoder, self.init, self.prompt_fraction = next_cfg, decoder, init, prompt_fraction
         self.qa_turns = qa_turns
         self.vocab: ImageVocab = add_image_vocabulary(self.tokenizer, next_cfg.codebook_size, next_cfg.num_scales)
@@ -304,7 +309,7 @@ class NextTask(StageTask):
             if cfg.upsample_codes:  # SANA draws from the true reading of each row's target
                 cells = torch.cat([e["cells"][t2i], e["text_cells"][words], e["edit_cells"][j]])
                 out["spatial"] = ids_to_layout(cells.long())
-        if cfg.upsample_codes:
+        if cfg.upsample_codes and self.train_upsampler:
             pick = torch.randint(len(e["codes"]), (cfg.upsampler_batch,), generator=side_generator(out["seed"]))
             out["upsample"] = {"codes": e["codes"][pick], "cells": e["cells"][pick].long()}
         if und:

@@ -128,6 +128,7 @@ def make_task(stage: str, cfg: RunConfig, out: Path) -> StageTask:
             next_cfg=cfg.next,
             image_tokenizer=image_tokenizer_weights(cfg.next, out),
             qa_turns=cfg.recipe.qa_turns,
+            train_upsampler="upsampler" in stage_config(cfg, stage).trainable,
             **start,
             **data,
         )
