@@ -23,11 +23,10 @@ from blip3o.config import RunConfig, load_yaml
 from blip3o.data.processing import to_images, to_pixels
 from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import load_split
-from blip3o.diffusion.sampler import euler_sample
 from blip3o.eval.geneval import GenEvalScorer
-from blip3o.infer.pipeline import NOISE_OFFSET, load_encoders, seeded_noise
+from blip3o.infer.pipeline import decode_with, load_encoders
 from blip3o.models.build import load_weights
-from blip3o.models.heads import CodeUpsampler, PixelDecoder, ids_to_layout, layout_to_ids, map_to_tokens, pool_ids
+from blip3o.models.heads import CodeUpsampler, PixelDecoder, ids_to_layout, layout_to_ids, pool_ids, pool_layout
 from blip3o.train.tasks import encode_in_chunks
 
 from common import emit
@@ -78,15 +77,13 @@ def main() -> None:
     )
     decoder.eval()
     scorer = GenEvalScorer()
-    nearest = held_codes.repeat_interleave(args.pool, -2).repeat_interleave(args.pool, -1)
-    for name, cells in (("reading", held), ("nearest", nearest), ("upsampled", up)):
-        tokens = map_to_tokens(ids_to_layout(cells))
-        with torch.no_grad():
-            latents = euler_sample(
-                decoder, seeded_noise(cfg.latent_shape, [s + NOISE_OFFSET for s in range(n)]), tokens,
-                uncond=torch.zeros_like(tokens), num_steps=cfg.decoder.steps, guidance_scale=cfg.decoder.guidance_scale,
-            )  # fmt: skip
-            images = to_images(enc.decode(latents))
+    reading = ids_to_layout(held)
+    for name, layouts in (
+        ("reading", reading),
+        ("nearest", pool_layout(reading, args.pool)),
+        ("upsampled", ids_to_layout(up)),
+    ):
+        images = to_images(decode_with(decoder, enc, cfg, layouts, range(n)))
         right = sum(scorer.score(im, r)["correct"] for im, r in zip(images, records, strict=True)) / n
         emit("layout_upsampling", right, "fraction correct", cells=name, images=n, train_s=round(train_s))
 

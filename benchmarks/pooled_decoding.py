@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from blip3o.config import RunConfig, load_yaml
 from blip3o.data.processing import to_images, to_pixels
 from blip3o.data.tokenizer import load_tokenizer
 from blip3o.data.world_data import load_split
-from blip3o.diffusion.sampler import euler_sample
 from blip3o.eval.geneval import GenEvalScorer
-from blip3o.infer.pipeline import NOISE_OFFSET, load_encoders, seeded_noise
+from blip3o.infer.pipeline import decode_with, load_encoders
 from blip3o.models.build import load_weights
-from blip3o.models.heads import PixelDecoder, map_to_tokens, pool_layout
+from blip3o.models.heads import PixelDecoder, pool_layout
 
 from common import emit
 
@@ -56,14 +53,8 @@ def main() -> None:
             right = 0
             for start in range(0, n, args.batch):
                 seeds = list(range(start, min(start + args.batch, n)))
-                with torch.no_grad():
-                    tokens = map_to_tokens(pool_layout(enc.layout(to_pixels(heldout.images[seeds])), pool))
-                    latents = euler_sample(
-                        decoder, seeded_noise(cfg.latent_shape, [s + NOISE_OFFSET for s in seeds]), tokens,
-                        uncond=torch.zeros_like(tokens), num_steps=cfg.decoder.steps,
-                        guidance_scale=cfg.decoder.guidance_scale,
-                    )  # fmt: skip
-                    images = to_images(enc.decode(latents))
+                layouts = pool_layout(enc.layout(to_pixels(heldout.images[seeds])), pool)
+                images = to_images(decode_with(decoder, enc, cfg, layouts, seeds))
                 right += sum(scorer.score(im, records[s])["correct"] for im, s in zip(images, seeds, strict=True))
             emit(
                 "pooled_decoding", right / n, "fraction correct", run=str(run), pool=pool, images=n,

@@ -83,6 +83,34 @@ def load_encoders(run: Path, cfg: ModelConfig, text_vocab_size: int) -> Encoders
     )
 
 
+@torch.no_grad()
+def decode_with(
+    decoder: PixelDecoder,
+    encoders: Encoders,
+    cfg: ModelConfig,
+    features: torch.Tensor,
+    seeds: Sequence[int],
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Standardised CLIP maps or layouts (B, D, g, g) → pixels (B, 3, H, W): ``decoder`` (Euler + CFG against a
+    zero condition, ``cfg.decoder``'s steps and guidance unless given, noise of each seed + ``NOISE_OFFSET``)
+    → the VAE of ``encoders``."""
+    dec = cfg.decoder
+    tokens = map_to_tokens(features)
+    latents = euler_sample(
+        decoder,
+        seeded_noise(cfg.latent_shape, [s + NOISE_OFFSET for s in seeds]),
+        tokens,
+        uncond=torch.zeros_like(tokens),
+        num_steps=steps or dec.steps,
+        guidance_scale=dec.guidance_scale if guidance_scale is None else guidance_scale,
+        progress=progress,
+    )
+    return encoders.decode(latents)
+
+
 def expand_requests(
     prompt: str | Sequence[str], seed: int | Sequence[int], num_images: int
 ) -> tuple[list[str], list[int]]:
@@ -264,19 +292,7 @@ class BLIP3oPipeline:
             raise ValueError(
                 "a CLIP-target model needs a pixel decoder to make pixels; this run has none (train its decoder stage)"
             )
-        dec = self.cfg.decoder
-        tokens = map_to_tokens(features)
-        noise = seeded_noise(self.cfg.latent_shape, [s + NOISE_OFFSET for s in seeds])
-        latents = euler_sample(
-            self.decoder,
-            noise,
-            tokens,
-            uncond=torch.zeros_like(tokens),
-            num_steps=steps or dec.steps,
-            guidance_scale=dec.guidance_scale if guidance_scale is None else guidance_scale,
-            progress=progress,
-        )
-        return self.encoders.decode(latents)
+        return decode_with(self.decoder, self.encoders, self.cfg, features, seeds, guidance_scale, steps, progress)
 
     @torch.no_grad()
     def chat(
