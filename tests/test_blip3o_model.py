@@ -793,3 +793,43 @@ def test_a_discrete_head_generates_from_the_unmasking_sampler_and_decodes_its_la
     assert torch.equal(seen[0], ids_to_layout(cells)) and not torch.equal(cells[0], cells[1])
     with pytest.raises(ConfigError, match="target=layout"):
         GenerationConfig(objective="discrete")
+
+
+def test_encodings_are_stored_once_and_read_back_only_by_the_same_encoders_and_images(tmp_path, tokenizer):
+    """``Encoders.encode_all`` equals the encoders run chunk by chunk; with a cache it writes one file per
+    encoding, reads it back without encoding again, and keys it on the weights, the scales and the images."""
+    from blip3o.models.heads import ids_to_layout, layout_to_ids
+    from blip3o.train.tasks import encode_targets
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(generation=GenerationConfig(target="layout"))
+    clip = build_clip(cfg.vision, len(tokenizer))
+    head = torch.nn.Linear(cfg.vision.hidden_size, 18)
+    enc = Encoders(clip.vision_model, build_vae(cfg.vae), cfg.vision.pool, unit_scales(cfg), grounding=head)
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    pixels = images.float() / 127.5 - 1
+    fresh = {t: enc.encode_all(images, t, chunk=2) for t in ("clip", "latent", "cells")}
+    assert torch.allclose(fresh["latent"], enc.latents(pixels), atol=1e-5)
+    assert torch.allclose(fresh["clip"], enc.clip(pixels), atol=1e-5)
+    assert fresh["cells"].dtype == torch.uint8 and torch.equal(fresh["cells"].long(), layout_to_ids(enc.layout(pixels)))
+    assert torch.equal(encode_targets(enc, images, "layout"), enc.layout(pixels))  # the layout comes back exactly
+
+    enc.cache = tmp_path / "cache"
+    stored = {t: enc.encode_all(images, t) for t in ("clip", "latent", "cells")}
+    assert sorted(p.name.split("-")[0] for p in enc.cache.iterdir()) == ["cells", "clip", "latent"]
+    enc.vae.encode = enc.vision.forward = None  # reading back must not encode
+    assert all(torch.equal(enc.encode_all(images, t), stored[t]) for t in stored)
+    del enc.vae.encode, enc.vision.forward
+
+    with torch.no_grad():
+        enc.vae.encoder.conv_in.bias.add_(1.0)  # other weights: another file, another encoding
+    changed = enc.encode_all(images, "latent")
+    assert not torch.allclose(changed, stored["latent"]) and len(list(enc.cache.glob("latent-*"))) == 2
+    enc.encode_all(images[:4], "cells")  # other images: another file
+    assert len(list(enc.cache.glob("cells-*"))) == 2
+    enc.scales = {**enc.scales, "latent_std": enc.scales["latent_std"] * 2}  # other scales: another file
+    enc.encode_all(images, "latent")
+    assert len(list(enc.cache.glob("latent-*"))) == 3 and not list(enc.cache.glob("*.tmp"))
+    assert torch.equal(ids_to_layout(stored["cells"].long()), enc.layout(pixels))
+    with pytest.raises(ValueError, match="unknown encoding 'layout'; allowed: clip, latent, cells"):
+        enc.encode_all(images, "layout")

@@ -409,7 +409,10 @@ def test_the_code_upsampler_learns_the_reading_and_feeds_sanas_spatial_input(ups
     assert ups and all(torch.equal(weights["next"][k], weights["instruct"][k]) for k in ups)
     # The task's codes are the tokenizer's (the pool of the cells it keeps), its spatial input the true reading.
     task = make_task("instruct", cfg, up)
+    task.enc.vae.encode = task.enc.vision.forward = None  # instruct reads what the run's cache holds
     e = task.encoded
+    del task.enc.vae.encode, task.enc.vision.forward
+    assert sorted(f.name.split("-")[0] for f in (up / "cache").iterdir()) == ["cells", "cells", "latent", "latent"]
     pixels = to_pixels(task.data.images[:8])
     tok = task.image_tokenizer
     reading = task.enc.layout(pixels)

@@ -169,7 +169,7 @@ def test_reuse_links_shared_stages_and_refuses_a_different_config(run, tmp_path)
     out, _ = run
     cfg = resolve("tiny-next")
     linked = link_shared(cfg, tmp_path, out)
-    assert set(linked) == {"world", "tokenizer", "clip", "vae", "decoder", "scales.safetensors"}
+    assert set(linked) == {"world", "tokenizer", "clip", "vae", "decoder", "scales.safetensors", "cache"}
     assert (tmp_path / "clip").resolve() == (out / "clip").resolve()
     other = tmp_path / "other"
     other.mkdir()

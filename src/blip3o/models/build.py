@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blip3o.config.model import ModelConfig, VisionConfig
@@ -21,6 +23,7 @@ from blip3o.models.heads import (
     MaskedHead,
     RegressionHead,
     cells_to_map,
+    layout_to_ids,
     snap_layout,
     tokens_to_map,
 )
@@ -83,6 +86,12 @@ def measure_scales(clip_vision: nn.Module, vae: nn.Module, images: torch.Tensor,
     }
 
 
+def update_digest(h: hashlib._Hash, tensor: torch.Tensor, name: str = "") -> None:
+    """Feed a tensor's name, dtype, shape and bytes to the hash ``h``."""
+    h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+    h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 class Encoders:
     """The frozen encoders of the later stages: the mini-CLIP vision tower and the VAE, with the statistics
     (:func:`measure_scales`) that standardise their outputs as generation targets."""
@@ -109,6 +118,7 @@ class Encoders:
         for p in (p for part in parts for p in part.parameters()):
             p.requires_grad_(False)
         self.pool, self.scales = pool, scales
+        self.cache: Path | None = None
 
     @classmethod
     def from_weights(
@@ -173,6 +183,53 @@ class Encoders:
     def encoder(self, target: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The encoding of images as a generation target or a decoder input: ``clip``, ``latent`` or ``layout``."""
         return {"clip": self.clip, "latent": self.latents, "layout": self.layout}[target]
+
+    def fingerprint(self, target: str) -> str:
+        """A digest of everything that encodes images as ``target`` (``clip``, ``latent`` or ``cells``): the
+        weights, the scales and the pooling, so that a stored encoding is read back only by identical encoders."""
+        modules = {"clip": [self.vision], "latent": [self.vae], "cells": [self.vision, self.grounding, self.reader]}
+        scales = {"clip": ["feature_mean", "feature_std"], "latent": ["latent_mean", "latent_std"], "cells": []}
+        if target not in modules:
+            raise ValueError(f"unknown encoding {target!r}; allowed: {', '.join(modules)}")
+        h = hashlib.sha256(f"{target} pool={self.pool}".encode())
+        for module in modules[target]:
+            for name, t in (module.state_dict() if module is not None else {"none": torch.zeros(0)}).items():
+                update_digest(h, t, name)
+        for name in scales[target]:
+            update_digest(h, self.scales[name], name)
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def encode_all(self, images: torch.Tensor, target: str, chunk: int = 256) -> torch.Tensor:
+        """Every one of uint8 images (N, 3, H, W) encoded as ``target``, ``chunk`` images at a time: ``clip``
+        (:meth:`clip`), ``latent`` (:meth:`latents`) or ``cells`` (the cell ids of :meth:`layout`, uint8;
+        :func:`~blip3o.models.heads.ids_to_layout` gives the layout back exactly).
+
+        With ``cache`` set (a directory; the trainer sets the run's ``cache/``), the result is stored there
+        under a digest of the images and of the encoder (:meth:`fingerprint`), and read back by any later stage
+        that asks for the same encoding of the same images, instead of encoding them again.
+        """
+        encode = {
+            "clip": self.clip,
+            "latent": self.latents,
+            "cells": lambda pixels: layout_to_ids(self.layout(pixels)).to(torch.uint8),
+        }
+        if target not in encode:
+            raise ValueError(f"unknown encoding {target!r}; allowed: {', '.join(encode)}")
+        path = None
+        if self.cache is not None:
+            h = hashlib.sha256(self.fingerprint(target).encode())
+            update_digest(h, images, "images")
+            path = Path(self.cache) / f"{target}-{h.hexdigest()[:24]}.safetensors"
+            if path.is_file():
+                return load_file(str(path))[target]
+        out = torch.cat([encode[target](to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)])
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write the same file at once
+            save_file({target: out.contiguous()}, str(tmp))
+            os.replace(tmp, path)
+        return out
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor) -> torch.Tensor:

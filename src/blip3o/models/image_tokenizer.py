@@ -289,11 +289,18 @@ class LayoutTokenizer(nn.Module):
 
     def encode(self, layout: torch.Tensor, scale_index: int = 0) -> torch.Tensor:
         """layout (B, classes + colours, s, s) → ids (B, (s/p)²) int64."""
-        n = self.num_tokens(scale_index)
+        self.num_tokens(scale_index)  # checks the scale
         s = self.reading_side
         if layout.ndim != 4 or layout.shape[-2:] != (s, s):
             raise ValueError(f"layout must be (B, classes + colours, {s}, {s}), got {tuple(layout.shape)}")
-        return pool_ids(layout_to_ids(layout), self.pool).reshape(layout.shape[0], n)
+        return self.encode_cells(layout_to_ids(layout))
+
+    def encode_cells(self, cells: torch.Tensor) -> torch.Tensor:
+        """The reading's cell ids (B, s, s) → ids (B, (s/p)²) int64: :meth:`encode` of the layout they name."""
+        s = self.reading_side
+        if cells.ndim != 3 or cells.shape[-2:] != (s, s):
+            raise ValueError(f"cells must be (B, {s}, {s}), got {tuple(cells.shape)}")
+        return pool_ids(cells.long(), self.pool).reshape(cells.shape[0], self.num_tokens(0))
 
     def decode(self, ids: torch.Tensor, scale_index: int = 0) -> torch.Tensor:
         """ids (B, (s/p)²) → the one-hot layout of the code grid at ±1 (B, classes + colours, s/p, s/p)."""

@@ -39,7 +39,7 @@ from blip3o.data.world_data import load_split
 from blip3o.diffusion.flow import flow_loss
 from blip3o.infer.pipeline import MODEL_FILE, require
 from blip3o.models.build import Encoders, load_weights
-from blip3o.models.heads import ids_to_layout, layout_to_ids, map_to_tokens, pool_ids
+from blip3o.models.heads import ids_to_layout, map_to_tokens
 from blip3o.models.image_tokenizer import ImageTokenizer, LayoutTokenizer, codebook_usage, perplexity
 from blip3o.models.next import BLIP3oNext, ImageVocab, add_image_vocabulary, condition_positions, word_rows
 from blip3o.train.tasks import (
@@ -93,9 +93,16 @@ def encode_images(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Codes (N, n) (None without a tokenizer) and standardised VAE latents (N, c, h, w) of uint8 images."""
     codes = None
-    if image_tokenizer is not None:
+    if isinstance(image_tokenizer, LayoutTokenizer):
+        codes = layout_codes(image_tokenizer, enc.encode_all(images, "cells", chunk))
+    elif image_tokenizer is not None:
         codes = encode_in_chunks(images, lambda pixels: image_codes(enc, image_tokenizer, pixels), chunk)
-    return codes, encode_in_chunks(images, enc.latents, chunk)
+    return codes, enc.encode_all(images, "latent", chunk)
+
+
+def layout_codes(image_tokenizer: LayoutTokenizer, cells: torch.Tensor) -> torch.Tensor:
+    """The codes of readings' cell ids (N, s, s), 1,024 at a time: pooling one-hots every id (61 floats a cell)."""
+    return torch.cat([image_tokenizer.encode_cells(chunk) for chunk in cells.split(1024)])
 
 
 @torch.no_grad()
@@ -129,7 +136,7 @@ class ImageTokenizerTask(StageTask):
     @cached_property
     def features(self) -> torch.Tensor:
         """Standardised CLIP tokens of every training image (the tower is frozen), encoded at the first batch."""
-        return map_to_tokens(encode_in_chunks(self.data.images, self.enc.clip))
+        return map_to_tokens(self.enc.encode_all(self.data.images, "clip"))
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         return {"features": self.features[self.indices(step, micro, rank, world_size)]}
@@ -248,10 +255,8 @@ class NextTask(StageTask):
         if not self.next_cfg.upsample_codes:
             codes, latents = encode_images(images, self.enc, self.image_tokenizer)
             return {f"{prefix}codes": codes, f"{prefix}latents": latents}
-        cells = encode_in_chunks(images, lambda pixels: layout_to_ids(self.enc.layout(pixels)).to(torch.uint8))
-        pool = self.next_cfg.layout_pool  # in chunks: pooling one-hots every id (61 floats a cell)
-        codes = torch.cat([pool_ids(chunk.long(), pool).flatten(1) for chunk in cells.split(1024)])
-        latents = encode_in_chunks(images, self.enc.latents)
+        cells = self.enc.encode_all(images, "cells")  # the config allows the upsampler with layout codes only
+        codes, latents = layout_codes(self.image_tokenizer, cells), self.enc.encode_all(images, "latent")
         return {f"{prefix}codes": codes, f"{prefix}latents": latents, f"{prefix}cells": cells}
 
     def build_model(self) -> nn.Module:

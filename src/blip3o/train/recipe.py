@@ -78,7 +78,9 @@ def encoders(cfg: RunConfig, out: Path) -> Encoders:
         tmp = scales_path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
         os.replace(tmp, scales_path)
-    return load_encoders(out, cfg.model, vocab)
+    enc = load_encoders(out, cfg.model, vocab)
+    enc.cache = out / CACHE_DIR
+    return enc
 
 
 def stage_config(cfg: RunConfig, stage: str) -> TrainConfig:
@@ -150,7 +152,11 @@ def finished(stage_dir: Path, steps: int) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("steps", -1) >= steps
 
 
-SHARED_FILES = ("world", "tokenizer", *SHARED_STAGES, SCALES_FILE)
+CACHE_DIR = "cache"
+"""Where a run keeps the frozen encoders' encodings of its world (:meth:`Encoders.encode_all`), keyed by the
+images and the encoders' weights, so that a stage reads what an earlier stage, or a reused run, encoded."""
+
+SHARED_FILES = ("world", "tokenizer", *SHARED_STAGES, SCALES_FILE, CACHE_DIR)
 
 
 def link_shared(cfg: RunConfig, out: Path, source: Path) -> list[str]:
