@@ -52,3 +52,12 @@ def test_next_overrides_and_errors():
     with pytest.raises(ConfigError, match=r"next\.spatial: spatial conditioning needs a square"):
         NextConfig(spatial=True, image_tokens=15)
     assert NextConfig(num_scales=2, pool_factors=[1, 2]).tokenizer_config().pool_factors == (1, 2)
+
+
+def test_sana_must_be_the_pixel_decoders_dit_when_the_next_stage_starts_from_it():
+    cfg = resolve("shapes-next-layout")
+    with pytest.raises(ConfigError, match=r"next\.sana: .*'num_layers': 2.*model\.decoder\.dit is .*'num_layers': 4"):
+        apply_overrides(cfg, ["model.decoder.dit.num_layers=4"])
+    deeper = apply_overrides(cfg, ["model.decoder.dit.num_layers=4", "next.sana.num_layers=4"])
+    assert deeper.next.sana == deeper.model.decoder.dit and deeper.next.sana.num_layers == 4
+    apply_overrides(cfg, ["model.decoder.dit.num_layers=4", "recipe.stages=[clip,vae,reader,decoder]"])  # no next

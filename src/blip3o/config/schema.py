@@ -12,7 +12,7 @@ field, ``__post_init__`` calling the ``check_*`` helpers below, and a field on :
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from blip3o.config.checks import ConfigError, check_float, check_instance, check_int
 from blip3o.config.grpo import GRPOConfig
@@ -120,6 +120,12 @@ class RunConfig:
                 "the reader stage trains a layout reader of width model.vision.reader_width, which is 0; set it "
                 "(e.g. 128) or drop the stage",
                 key="recipe.stages",
+            )
+        if "next" in self.recipe.stages and self.next.sana != self.model.decoder.dit:
+            raise ConfigError(
+                f"is {asdict(self.next.sana)}, but the next stage starts SANA from the decoder stage's weights, "
+                f"whose DiT model.decoder.dit is {asdict(self.model.decoder.dit)}: set both alike",
+                key="next.sana",
             )
         if self.grpo is not None and self.next is None:
             raise ConfigError("GRPO tunes a BLIP3o-NEXT model; this config has no next section", key="grpo")
