@@ -56,8 +56,9 @@ def test_next_overrides_and_errors():
 
 def test_sana_must_be_the_pixel_decoders_dit_when_the_next_stage_starts_from_it():
     cfg = resolve("shapes-next-layout")
-    with pytest.raises(ConfigError, match=r"next\.sana: .*'num_layers': 2.*model\.decoder\.dit is .*'num_layers': 4"):
-        apply_overrides(cfg, ["model.decoder.dit.num_layers=4"])
-    deeper = apply_overrides(cfg, ["model.decoder.dit.num_layers=4", "next.sana.num_layers=4"])
-    assert deeper.next.sana == deeper.model.decoder.dit and deeper.next.sana.num_layers == 4
-    apply_overrides(cfg, ["model.decoder.dit.num_layers=4", "recipe.stages=[clip,vae,reader,decoder]"])  # no next
+    assert cfg.next.sana == cfg.model.decoder.dit and cfg.next.sana.num_layers == 4
+    with pytest.raises(ConfigError, match=r"next\.sana: .*'num_layers': 4.*model\.decoder\.dit is .*'num_layers': 2"):
+        apply_overrides(cfg, ["model.decoder.dit.num_layers=2"])
+    shallow = apply_overrides(cfg, ["model.decoder.dit.num_layers=2", "next.sana.num_layers=2"])
+    assert shallow.next.sana == shallow.model.decoder.dit and shallow.next.sana.num_layers == 2
+    apply_overrides(cfg, ["model.decoder.dit.num_layers=2", "recipe.stages=[clip,vae,reader,decoder]"])  # no next

@@ -337,10 +337,11 @@ def test_decoder_layout_pools_are_checked():
 
 
 def test_layout_pool_sets_the_token_count_and_bad_pools_are_refused():
-    cfg = apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=1", "next.image_tokens=256"])
+    one = ["next.layout_pool=1", "next.upsample_codes=false"]  # one code a cell: nothing to upsample
+    cfg = apply_overrides(get_preset("shapes-next-layout"), [*one, "next.image_tokens=256"])
     assert (cfg.next.layout_pool, cfg.next.image_tokens) == (1, 256)
     with pytest.raises(ConfigError, match=r"next\.image_tokens: is 64, but .* 16×16 reading pooled by 1 need 256"):
-        apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=1"])
+        apply_overrides(get_preset("shapes-next-layout"), one)
     with pytest.raises(ConfigError, match=r"next\.layout_pool: must divide the reading's side 16, got 3"):
         apply_overrides(get_preset("shapes-next-layout"), ["next.layout_pool=3", "next.image_tokens=16"])
     with pytest.raises(ConfigError, match=r"next\.layout_pool: pools layout cells, so it needs image_codes='layout'"):
@@ -449,5 +450,5 @@ def test_upsample_codes_needs_pooled_spatial_layout_codes():
     with pytest.raises(ConfigError, match=r"next\.upsample_codes: .* layout_pool > 1 and spatial=true"):
         apply_overrides(
             get_preset("shapes-next-layout"),
-            ["next.layout_pool=1", "next.image_tokens=256", "next.upsample_codes=true"],
+            ["next.layout_pool=1", "next.image_tokens=256"],  # the preset upsamples
         )
