@@ -799,7 +799,6 @@ def test_encodings_are_stored_once_and_read_back_only_by_the_same_encoders_and_i
     """``Encoders.encode_all`` equals the encoders run chunk by chunk; with a cache it writes one file per
     encoding, reads it back without encoding again, and keys it on the weights, the scales and the images."""
     from blip3o.models.heads import ids_to_layout, layout_to_ids
-    from blip3o.train.tasks import encode_targets
 
     torch.manual_seed(0)
     cfg = ModelConfig(generation=GenerationConfig(target="layout"))
@@ -812,7 +811,7 @@ def test_encodings_are_stored_once_and_read_back_only_by_the_same_encoders_and_i
     assert torch.allclose(fresh["latent"], enc.latents(pixels), atol=1e-5)
     assert torch.allclose(fresh["clip"], enc.clip(pixels), atol=1e-5)
     assert fresh["cells"].dtype == torch.uint8 and torch.equal(fresh["cells"].long(), layout_to_ids(enc.layout(pixels)))
-    assert torch.equal(encode_targets(enc, images, "layout"), enc.layout(pixels))  # the layout comes back exactly
+    assert torch.equal(enc.encode_all(images, "layout"), enc.layout(pixels))  # the layout comes back exactly
 
     enc.cache = tmp_path / "cache"
     stored = {t: enc.encode_all(images, t) for t in ("clip", "latent", "cells")}
@@ -831,5 +830,5 @@ def test_encodings_are_stored_once_and_read_back_only_by_the_same_encoders_and_i
     enc.encode_all(images, "latent")
     assert len(list(enc.cache.glob("latent-*"))) == 3 and not list(enc.cache.glob("*.tmp"))
     assert torch.equal(ids_to_layout(stored["cells"].long()), enc.layout(pixels))
-    with pytest.raises(ValueError, match="unknown encoding 'layout'; allowed: clip, latent, cells"):
-        enc.encode_all(images, "layout")
+    with pytest.raises(ValueError, match="unknown encoding 'pixels'; allowed: clip, latent, cells, layout"):
+        enc.encode_all(images, "pixels")

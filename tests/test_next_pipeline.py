@@ -298,7 +298,7 @@ def test_text_rows_ask_for_the_world_words_and_target_their_scenes(run):
     resized = torch.nn.functional.interpolate(
         task.data.text_images[picked].float(), size=(side, side), mode="bilinear", antialias=True
     )
-    _, latents = encode_images(resized.round().clamp(0, 255).to(torch.uint8), task.enc, None)
+    _, latents, _ = encode_images(resized.round().clamp(0, 255).to(torch.uint8), task.enc, None)
     torch.testing.assert_close(batch["latents"], latents)
     assert not batch["reference"].any()
 

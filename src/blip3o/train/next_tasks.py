@@ -90,14 +90,16 @@ def image_codes(enc: Encoders, image_tokenizer: ImageTokenizer | LayoutTokenizer
 @torch.no_grad()
 def encode_images(
     images: torch.Tensor, enc: Encoders, image_tokenizer: ImageTokenizer | LayoutTokenizer | None, chunk: int = 256
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Codes (N, n) (None without a tokenizer) and standardised VAE latents (N, c, h, w) of uint8 images."""
-    codes = None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Codes (N, n) (None without a tokenizer), standardised VAE latents (N, c, h, w) and, for layout codes,
+    the reading's cell ids (N, s, s) that the codes pool (else None) of uint8 images."""
+    codes = cells = None
     if isinstance(image_tokenizer, LayoutTokenizer):
-        codes = layout_codes(image_tokenizer, enc.encode_all(images, "cells", chunk))
+        cells = enc.encode_all(images, "cells", chunk)
+        codes = layout_codes(image_tokenizer, cells)
     elif image_tokenizer is not None:
         codes = encode_in_chunks(images, lambda pixels: image_codes(enc, image_tokenizer, pixels), chunk)
-    return codes, enc.encode_all(images, "latent", chunk)
+    return codes, enc.encode_all(images, "latent", chunk), cells
 
 
 def layout_codes(image_tokenizer: LayoutTokenizer, cells: torch.Tensor) -> torch.Tensor:
@@ -252,12 +254,11 @@ class NextTask(StageTask):
     def encode(self, images: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
         """``codes`` and ``latents`` of uint8 images and, for a model with a code upsampler, ``cells``: the
         reading's cell ids (N, s, s), which the codes pool."""
-        if not self.next_cfg.upsample_codes:
-            codes, latents = encode_images(images, self.enc, self.image_tokenizer)
-            return {f"{prefix}codes": codes, f"{prefix}latents": latents}
-        cells = self.enc.encode_all(images, "cells")  # the config allows the upsampler with layout codes only
-        codes, latents = layout_codes(self.image_tokenizer, cells), self.enc.encode_all(images, "latent")
-        return {f"{prefix}codes": codes, f"{prefix}latents": latents, f"{prefix}cells": cells}
+        codes, latents, cells = encode_images(images, self.enc, self.image_tokenizer)
+        out = {f"{prefix}codes": codes, f"{prefix}latents": latents}
+        if self.next_cfg.upsample_codes:  # the config allows the upsampler with layout codes only
+            out[f"{prefix}cells"] = cells
+        return out
 
     def build_model(self) -> nn.Module:
         model = BLIP3oNext.from_config(self.next_cfg, self.vocab)

@@ -34,7 +34,6 @@ from blip3o.models.build import Encoders, build_blip3o, build_reader, clip_map, 
 from blip3o.models.heads import (
     LAYOUT_VOCAB,
     PixelDecoder,
-    ids_to_layout,
     layout_to_ids,
     map_to_tokens,
     pool_layout,
@@ -87,14 +86,6 @@ def encode_in_chunks(
 ) -> torch.Tensor:
     """``encode`` (a frozen encoder of pixels in [-1, 1]) over uint8 images (N, 3, H, W), in chunks."""
     return torch.cat([encode(to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)])
-
-
-def encode_targets(enc: Encoders, images: torch.Tensor, target: str) -> torch.Tensor:
-    """uint8 images encoded as a generation target or decoder input (``clip``, ``latent`` or ``layout``; see
-    :meth:`Encoders.encoder`) by :meth:`Encoders.encode_all`, which stores a layout as its cell ids."""
-    if target == "layout":
-        return ids_to_layout(enc.encode_all(images, "cells").long())
-    return enc.encode_all(images, target)
 
 
 def asked_text(meta: dict[str, Any], prompt_fraction: float, rng: random.Random) -> str:
@@ -438,7 +429,7 @@ class DecoderTask(StageTask):
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition tokens (standardised CLIP map or layout) and VAE latents of every training image (the
         encoders are frozen)."""
-        condition = encode_targets(self.enc, self.data.images, self.cfg.decoder_input)
+        condition = self.enc.encode_all(self.data.images, self.cfg.decoder_input)
         return map_to_tokens(condition), self.enc.encode_all(self.data.images, "latent")
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
@@ -573,7 +564,7 @@ class GenerationTask(StageTask):
     @cached_property
     def targets(self) -> torch.Tensor:
         """The generation target (standardised CLIP map, VAE latents or layout) of every training image."""
-        return encode_targets(self.enc, self.data.images, self.cfg.generation.target)
+        return self.enc.encode_all(self.data.images, self.cfg.generation.target)
 
     def batch(self, step: int, micro: int, rank: int, world_size: int) -> dict[str, Any]:
         idx = self.indices(step, micro, rank, world_size)
