@@ -154,6 +154,52 @@ def test_image_rows_run_in_length_groups_whose_losses_are_the_whole_batch(layout
     assert length_groups(batch["image"]["attention_mask"], split, world_size=2) == [(0, rows, width)]
 
 
+def test_flow_fraction_takes_the_flow_loss_on_the_first_rows_of_each_kind(layout_run):
+    """With ``next.flow_fraction`` f the flow loss is the mean of the per-row losses of the first ⌈f · n⌉
+    text-to-image rows and the first ⌈f · m⌉ edit rows, each what the whole batch's forward gives that row;
+    CE is unchanged."""
+    import math
+
+    from blip3o.diffusion.flow import flow_loss
+    from blip3o.train.next_tasks import flow_step
+    from blip3o.train.recipe import make_task
+
+    out, _ = layout_run
+    cfg = _tiny_layout_next()
+    task = make_task("next", cfg, out)
+    model = task.build_model().eval()
+    step = next(s for s in range(20) if len(task.batch(s, 0, 0, 1).get("groups", [])) == 2)
+    batch = task.batch(step, 0, 0, 1)
+    (_, written, _), (_, rows, _) = batch["groups"]
+    assert written >= 2 and rows - written >= 2 and batch["flow_rows"].all()
+    half = make_task("next", apply_overrides(cfg, ["next.flow_fraction=0.5"]), out)
+    flow_rows = half.batch(step, 0, 0, 1)["flow_rows"]
+    chosen = torch.cat(
+        [torch.arange(math.ceil(0.5 * written)), written + torch.arange(math.ceil(0.5 * (rows - written)))]
+    )
+    assert torch.equal(flow_rows.nonzero().squeeze(1), chosen)
+    with torch.no_grad():
+        full, part = task.loss(model, batch), half.loss(model, {**batch, "flow_rows": flow_rows})
+        # Each row's flow loss from one forward over the whole batch, the same noise and σ.
+        ids, mask = batch["image"]["input_ids"], batch["image"]["attention_mask"]
+        sigma, x_t, target, keep = flow_step(cfg.next.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"])
+        v = model(
+            ids,
+            mask,
+            latents=x_t,
+            sigma=sigma,
+            keep=keep,
+            reference=batch["reference"],
+            num_tokens=cfg.next.image_tokens,
+        ).velocity
+        per_row = flow_loss(v, target, reduction="per_sample")
+    torch.testing.assert_close(part["flow"], per_row[chosen].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full["flow"], per_row.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part["ce"], full["ce"])
+    with pytest.raises(ConfigError, match=r"next\.flow_fraction"):
+        apply_overrides(cfg, ["next.flow_fraction=0"])
+
+
 def _starts_by_hand(grid: torch.Tensor) -> torch.Tensor:
     """Object cells whose left and upper neighbours are background or outside, cell by cell."""
     s = grid.shape[0]
@@ -240,6 +286,7 @@ def test_name_init_points_every_code_at_its_class_and_colour_words(layout_run):
     plurals = [plural(s) for s in SHAPES]
     hits = {}
     for flag in ("true", "false"):
+        torch.manual_seed(0)  # the init's random rows, whatever ran before
         task = make_task("next", apply_overrides(cfg, [f"next.name_init={flag}"]), out)
         model = task.build_model()
         table = model.backbone.get_input_embeddings().weight.detach()

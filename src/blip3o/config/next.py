@@ -116,6 +116,12 @@ class NextConfig:
     """Weight of the cross-entropy loss on the image tokens (and the prompt, see ``train_prompt_text``)."""
     flow_weight: float = 1.0
     """Weight of the flow-matching loss on the latents."""
+    flow_fraction: float = 1.0
+    """Share of a batch's text-to-image rows, and of its edit rows, that also take the flow-matching loss
+    (at least one of each kind present; the first of the batch's shuffled rows); every row takes
+    cross-entropy, and the flow loss is the mean over the rows that take it. SANA over 16×16 latents costs
+    most of a shapes step's forward and backward, where the backbone writes 64 codes. 1 is the official
+    recipe."""
     start_cell_weight: float = 1.0
     """Layout codes: weight of the cross-entropy at a written object cell whose left and upper neighbours are
     background (or the image's edge), the cell where an object starts in raster order. There the prompt
@@ -217,6 +223,7 @@ class NextConfig:
         check_float("next.cond_dropout", self.cond_dropout, ge=0, le=1)
         check_float("next.ce_weight", self.ce_weight, ge=0)
         check_float("next.flow_weight", self.flow_weight, ge=0)
+        check_float("next.flow_fraction", self.flow_fraction, gt=0, le=1)
         check_float("next.start_cell_weight", self.start_cell_weight, ge=1)
         if self.start_cell_weight != 1 and self.image_codes != "layout":
             raise ConfigError(

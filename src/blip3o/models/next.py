@@ -469,19 +469,24 @@ class BLIP3oNext(nn.Module):
         num_tokens: int | None = None,
         spatial: Tensor | None = None,
         upsample: Tensor | None = None,
+        flow_rows: Tensor | None = None,
     ) -> NextOutput:
         """input_ids, attention_mask (B, T) → :class:`NextOutput`: logits (B, T, V), hidden (B, T, H) and,
         given noisy ``latents`` (B, c, h, w) at ``sigma`` (B,), the velocity conditioned on each row's
         ``num_tokens`` image tokens (``keep``, ``reference`` and ``spatial`` as in :meth:`connect` and
         :meth:`velocity`; ``keep`` drops ``spatial`` too), and given pooled codes ``upsample`` (B', n), the
-        upsampler's cell logits. One call, so that a sharded (FSDP) model runs the whole training step
-        inside its forward."""
+        upsampler's cell logits. ``flow_rows`` (B',) names the rows the latents (and ``sigma``, ``keep``,
+        ``reference``, ``spatial``) belong to when only those take the flow loss; None: every row. One call,
+        so that a sharded (FSDP) model runs the whole training step inside its forward."""
         hidden = self.hidden_states(input_ids, attention_mask)
         out = NextOutput(logits=self.backbone.get_output_embeddings()(hidden), hidden=hidden)
         if latents is not None:
             if sigma is None or num_tokens is None:
                 raise ValueError("noisy latents need their sigma and num_tokens")
-            cond = self.connect(hidden, input_ids, attention_mask, num_tokens, keep)
+            h, ids, mask = hidden, input_ids, attention_mask
+            if flow_rows is not None:
+                h, ids, mask = hidden[flow_rows], input_ids[flow_rows], attention_mask[flow_rows]
+            cond = self.connect(h, ids, mask, num_tokens, keep)
             if spatial is not None and keep is not None:
                 spatial = spatial * keep.to(spatial.dtype)[:, None, None, None]
             out.velocity = self.velocity(latents, sigma, cond, reference=reference, spatial=spatial)

@@ -20,6 +20,7 @@ encoders are frozen), so a step only runs the trained model and a finished stage
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from functools import cached_property
@@ -186,6 +187,13 @@ def start_cells(labels: torch.Tensor, vocab: ImageVocab, side: int) -> torch.Ten
     return code & ~background & left_clear & up_clear
 
 
+def flow_rows(written: int, edits: int, fraction: float) -> torch.Tensor:
+    """Bool mask (written + edits,) of the image rows that take the flow loss: the first ⌈fraction · n⌉ of the
+    ``written`` text-to-image rows and of the ``edits`` edit rows after them (rows come in random order)."""
+    n = torch.arange(written + edits)
+    return (n < math.ceil(fraction * written)) | ((n >= written) & (n < written + math.ceil(fraction * edits)))
+
+
 def curated_indices(meta: list[dict[str, Any]], per_tag: int, seed: int) -> list[int]:
     """Up to ``per_tag`` scenes of each GenEval tag, drawn with ``seed``: a tag-balanced instruction set."""
     by_tag: dict[str, list[int]] = defaultdict(list)
@@ -308,6 +316,7 @@ class NextTask(StageTask):
                 rows["input_ids"] = self.corrupt(rows, written, out["seed"])
             out["image"] = rows
             out["groups"] = length_groups(rows["attention_mask"], written, world_size)
+            out["flow_rows"] = flow_rows(written, len(edits), cfg.flow_fraction)
             out["latents"] = torch.cat([e["latents"][t2i], e["text_latents"][words], e["edit_latents"][j]])
             reference = torch.zeros_like(out["latents"])
             reference[written:] = e["latents"][edits]
@@ -345,18 +354,23 @@ class NextTask(StageTask):
             sigma, x_t, target, keep = flow_step(cfg.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"])
             reference = batch["reference"] if cfg.reference_latents else None
             labelled = (rows["labels"][:, 1:] != IGNORE).sum()
+            takes_flow = batch["flow_rows"]
             for start, stop, width in batch["groups"]:  # the batch's CE and flow means, summed group by group
                 r = slice(start, stop)
+                f = takes_flow[r].nonzero().squeeze(1)  # the group's rows that take the flow loss
+                every = len(f) == stop - start
+                fr = r if every else f + start
                 out = model(
                     rows["input_ids"][r, :width],
                     rows["attention_mask"][r, :width],
-                    latents=x_t[r],
-                    sigma=sigma[r],
-                    keep=keep[r],
-                    reference=None if reference is None else reference[r],
+                    latents=x_t[fr],
+                    sigma=sigma[fr],
+                    keep=keep[fr],
+                    reference=None if reference is None else reference[fr],
                     num_tokens=cfg.image_tokens,
-                    spatial=batch["spatial"][r] if "spatial" in batch else None,
+                    spatial=batch["spatial"][fr] if "spatial" in batch else None,
                     upsample=upsample["codes"] if upsample is not None and start == 0 else None,
+                    flow_rows=None if every else f,
                 )
                 if out.cell_logits is not None:
                     cells = F.cross_entropy(out.cell_logits, upsample["cells"])
@@ -367,7 +381,7 @@ class NextTask(StageTask):
                     weights = 1 + (cfg.start_cell_weight - 1) * starts
                 group_ce = causal_lm_loss(out.logits, labels, weights)
                 ce = ce + group_ce * (labels[:, 1:] != IGNORE).sum() / labelled
-                flow = flow + flow_loss(out.velocity, target[r]) * (stop - start) / len(x_t)
+                flow = flow + flow_loss(out.velocity, target[fr]) * len(f) / takes_flow.sum()
         if "text" in batch:
             rows = batch["text"]
             text = causal_lm_loss(model(rows["input_ids"], rows["attention_mask"]).logits, rows["labels"])
