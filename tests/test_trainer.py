@@ -187,6 +187,19 @@ def test_train_single_process_only_trainable_change(tmp_path: Path) -> None:
     assert set(record) == {"step", "loss", "mae", "lr", "grad_norm", "samples_per_s", "elapsed_s"}
 
 
+def test_cpu_training_flushes_denormal_floats(tmp_path: Path) -> None:
+    """Floats below 1.2e-38, which x86 cores compute on a slow path, are flushed to zero once a CPU run trains."""
+
+    def denormal() -> float:
+        return (torch.tensor([1e-30]) * torch.tensor([1e-10])).item()
+
+    torch.set_flush_denormal(False)
+    assert denormal() > 0
+    cfg = TrainConfig(steps=2, batch_size=8, log_every=1, ckpt_every=0, device="cpu")
+    train(ToyTask(cfg), cfg, tmp_path, progress=False)
+    assert denormal() == 0
+
+
 def test_train_bfloat16_autocast(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=3, batch_size=8, log_every=1, ckpt_every=0, dtype="bfloat16", device="cpu")
     summary = train(ToyTask(cfg), cfg, tmp_path, progress=False)

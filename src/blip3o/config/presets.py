@@ -264,15 +264,16 @@ def shapes_next_layout() -> RunConfig:
     image, an object 2–3 codes a side), and their hidden states condition the layout pixel decoder of
     ``shapes-blip3o-layout``, whose clip, vae, reader and decoder stages it shares (``--reuse``). Sampling:
     top-p 0.95 over all 61 ids and CFG 1.5 on the token logits (GenEval-shapes 0.270 against 0.195 without
-    it, docs/next.md "Layout codes"). Instruction tuning runs 1,800 steps: the colour a prompt asks for is
-    learnt late (docs/next.md "Colours are learnt late"). Against one code a cell on the same shared stages,
+    it, docs/next.md "Layout codes"). Against one code a cell on the same shared stages,
     the pooled codes write better layouts (0.652 against 0.465), keep far more of what an edit leaves alone
     (consistency 0.76 against 0.42) and train in 50 minutes instead of 70 (docs/next.md "Pooled layout
     codes"). Edits blend with the reference and sample under a copy prior of 3 (``next.edit_blend``,
     ``next.copy_bias``). A code upsampler (``next.upsample_codes``) gives SANA back the 16×16 reading the
-    4-layer pixel decoder was trained to draw from; with it, 500 ``next`` and 1,100 ``instruct`` steps score
-    GenEval-shapes 0.548 (two seeds) where 1,000 + 1,800 steps without it scored 0.418 (docs/next.md
-    "A 4-layer pixel decoder")."""
+    4-layer pixel decoder was trained to draw from. The schedule is 1,000 ``next`` and 1,800 ``instruct`` steps
+    (the colour a prompt asks for is learnt late, docs/next.md "Colours are learnt late"), with half of each
+    kind of image row taking the flow loss (``next.flow_fraction``), which makes a step 1.3× cheaper:
+    docs/next.md "Half the rows through SANA" has GenEval-shapes and edits against every row and against
+    500 + 1,100 steps."""
     base = replace(
         shapes_next_model(), image_codes="layout", layout_pool=2, top_k=None, ar_guidance_scale=1.5, edit_fraction=0.4
     )
@@ -280,8 +281,8 @@ def shapes_next_layout() -> RunConfig:
     # a copy prior of 3 keeps what the instruction leaves alone at 0.96 for 0.62 of the asked changes (0.76 and
     # 0.65 without it), docs/next.md "Pooled layout codes".
     base = replace(base, edit_blend=True, copy_bias=3.0)
-    base = replace(base, backbone=replace(base.backbone, max_positions=1024))
-    cfg = with_next(shapes_blip3o_layout(), base, "shapes-next-layout", {"next": 500, "instruct": 1100})
+    base = replace(base, backbone=replace(base.backbone, max_positions=1024), flow_fraction=0.5)
+    cfg = with_next(shapes_blip3o_layout(), base, "shapes-next-layout", {"next": 1000, "instruct": 1800})
     # Instruction tuning trains SANA whole: its edit rows need more than the caption projection to draw a change.
     instruct = replace(cfg.recipe.instruct, trainable=["backbone", "connector", "dit"])
     nxt = replace(cfg.next, upsample_codes=True)  # after with_next, which gives SANA the decoder's spatial input
