@@ -316,7 +316,9 @@ class NextTask(StageTask):
                 rows["input_ids"] = self.corrupt(rows, written, out["seed"])
             out["image"] = rows
             out["groups"] = length_groups(rows["attention_mask"], written, world_size)
-            out["flow_rows"] = flow_rows(written, len(edits), cfg.flow_fraction)
+            # Per length group, the indices in it of the rows that take the flow loss (found here, on the host).
+            takes_flow = flow_rows(written, len(edits), cfg.flow_fraction)
+            out["flow_rows"] = [takes_flow[a:b].nonzero().squeeze(1) for a, b, _ in out["groups"]]
             out["latents"] = torch.cat([e["latents"][t2i], e["text_latents"][words], e["edit_latents"][j]])
             reference = torch.zeros_like(out["latents"])
             reference[written:] = e["latents"][edits]
@@ -354,12 +356,10 @@ class NextTask(StageTask):
             sigma, x_t, target, keep = flow_step(cfg.cond_dropout, 1.0, "uniform", batch["latents"], batch["seed"])
             reference = batch["reference"] if cfg.reference_latents else None
             labelled = (rows["labels"][:, 1:] != IGNORE).sum()
-            takes_flow = batch["flow_rows"]
-            for start, stop, width in batch["groups"]:  # the batch's CE and flow means, summed group by group
-                r = slice(start, stop)
-                f = takes_flow[r].nonzero().squeeze(1)  # the group's rows that take the flow loss
-                every = len(f) == stop - start
-                fr = r if every else f + start
+            flowing = sum(len(f) for f in batch["flow_rows"])
+            # the batch's CE and flow means, summed group by group
+            for (start, stop, width), f in zip(batch["groups"], batch["flow_rows"], strict=True):
+                r, fr = slice(start, stop), f + start
                 out = model(
                     rows["input_ids"][r, :width],
                     rows["attention_mask"][r, :width],
@@ -370,7 +370,7 @@ class NextTask(StageTask):
                     num_tokens=cfg.image_tokens,
                     spatial=batch["spatial"][fr] if "spatial" in batch else None,
                     upsample=upsample["codes"] if upsample is not None and start == 0 else None,
-                    flow_rows=None if every else f,
+                    flow_rows=f,
                 )
                 if out.cell_logits is not None:
                     cells = F.cross_entropy(out.cell_logits, upsample["cells"])
@@ -381,7 +381,7 @@ class NextTask(StageTask):
                     weights = 1 + (cfg.start_cell_weight - 1) * starts
                 group_ce = causal_lm_loss(out.logits, labels, weights)
                 ce = ce + group_ce * (labels[:, 1:] != IGNORE).sum() / labelled
-                flow = flow + flow_loss(out.velocity, target[fr]) * len(f) / takes_flow.sum()
+                flow = flow + flow_loss(out.velocity, target[fr]) * len(f) / flowing
         if "text" in batch:
             rows = batch["text"]
             text = causal_lm_loss(model(rows["input_ids"], rows["attention_mask"]).logits, rows["labels"])
